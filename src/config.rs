@@ -1,0 +1,767 @@
+//! Configuration: serde structs read with figment (defaults < TOML file <
+//! `CRITEO_PROXY_` environment), then validated into [`Config`], a type in
+//! which every value has been checked and every secret file read once.
+//!
+//! Validation reports *every* bad key, each named by its dotted path
+//! (`tenants.acme.client_secret`), before anything is bound or spawned.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use http::HeaderName;
+use ipnet::IpNet;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+use url::Url;
+
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "CRITEO_PROXY_";
+
+// === raw, as written ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    refresh: RawRefresh,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    consent: Option<RawConsent>,
+    #[serde(default)]
+    tenants: BTreeMap<String, RawTenant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    tenant_header: String,
+    #[serde(deserialize_with = "opt_lenient_string")]
+    default_tenant: Option<String>,
+    max_replay_body: bytesize::ByteSize,
+    #[serde(with = "humantime_serde")]
+    shutdown_grace: Duration,
+    allowed_clients: Option<Vec<IpNet>>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            tenant_header: "X-Criteo-Tenant".into(),
+            default_tenant: None,
+            max_replay_body: bytesize::ByteSize::mib(1),
+            shutdown_grace: Duration::from_secs(20),
+            allowed_clients: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    url: String,
+    token_url: String,
+    consent_url: String,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            url: "https://api.criteo.com".into(),
+            token_url: "https://api.criteo.com/oauth2/token".into(),
+            consent_url: "https://consent.criteo.com/request".into(),
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRefresh {
+    at_fraction: f64,
+    #[serde(with = "humantime_serde")]
+    wait_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    token_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    max_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    rejected_backoff: Duration,
+}
+
+impl Default for RawRefresh {
+    fn default() -> Self {
+        Self {
+            at_fraction: 0.8,
+            wait_timeout: Duration::from_secs(5),
+            token_timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(30),
+            rejected_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    path: Option<PathBuf>,
+}
+
+/// Read so that DESIGN.md's full example parses; consent onboarding that
+/// uses it is not built yet.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct RawConsent {
+    #[serde(default, deserialize_with = "opt_lenient_string")]
+    signing_key: Option<String>,
+    #[serde(default, deserialize_with = "opt_lenient_secret")]
+    signing_secret: Option<SecretString>,
+    signing_secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // the refresh-token fields wait for that grant
+struct RawTenant {
+    grant: Grant,
+    #[serde(default, deserialize_with = "opt_lenient_string")]
+    client_id: Option<String>,
+    #[serde(default, deserialize_with = "opt_lenient_secret")]
+    client_secret: Option<SecretString>,
+    client_secret_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "opt_lenient_string")]
+    redirect_uri: Option<String>,
+    #[serde(default, deserialize_with = "opt_lenient_secret")]
+    refresh_token: Option<SecretString>,
+    refresh_token_file: Option<PathBuf>,
+}
+
+/// How a tenant obtains its access tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    ClientCredentials,
+    RefreshToken,
+}
+
+impl Grant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::RefreshToken => "refresh_token",
+        }
+    }
+}
+
+/// Environment values are parsed by figment as TOML scalars, so a numeric
+/// client id arrives as an integer: accept any scalar as a string.
+fn opt_lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(Option::<Scalar>::deserialize(d)?.map(|s| match s {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    }))
+}
+
+fn opt_lenient_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    Ok(opt_lenient_string(d)?.map(SecretString::from))
+}
+
+// === validated ===
+
+/// A configuration in which every value has been checked.
+#[derive(Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub refresh: RefreshConfig,
+    pub store: StoreConfig,
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub tenant_header: HeaderName,
+    pub default_tenant: Option<String>,
+    pub max_replay_body: usize,
+    pub shutdown_grace: Duration,
+    pub allowed_clients: Option<Vec<IpNet>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub url: Url,
+    pub token_url: Url,
+    pub consent_url: Url,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RefreshConfig {
+    /// Renew once this fraction of a token's lifetime has passed.
+    pub at_fraction: f64,
+    /// How long a request may wait for a token that is being fetched.
+    pub wait_timeout: Duration,
+    /// Bound on one call to the token endpoint.
+    pub token_timeout: Duration,
+    /// Ceiling of the exponential back-off after transient failures.
+    pub max_backoff: Duration,
+    /// Pause after the token endpoint rejected the credentials.
+    pub rejected_backoff: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub name: String,
+    pub grant: Grant,
+    pub client_id: String,
+    pub client_secret: SecretSource,
+}
+
+/// Where a secret lives. A file is read again at every use, so that a
+/// rotated credential (Criteo allows five pairs per app) is picked up
+/// without a restart.
+#[derive(Clone)]
+pub enum SecretSource {
+    Inline(SecretString),
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline(<redacted>)"),
+            SecretSource::File(p) => f.debug_tuple("File").field(p).finish(),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Reads the secret now: the inline value, or the file's content with
+    /// surrounding whitespace trimmed. An empty secret is an error.
+    pub fn load(&self) -> Result<SecretString, String> {
+        match self {
+            SecretSource::Inline(s) if s.expose_secret().trim().is_empty() => {
+                Err("is empty".into())
+            }
+            SecretSource::Inline(s) => Ok(s.clone()),
+            SecretSource::File(path) => read_secret_file(path),
+        }
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+// === errors ===
+
+/// Everything wrong with a configuration, one line per problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(msg: String) -> Self {
+        Self {
+            problems: vec![msg],
+        }
+    }
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        let problems = err
+            .into_iter()
+            .map(|e| {
+                let key = e.path.join(".");
+                let origin = e
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.source.as_ref())
+                    .map(|s| format!(" (from {s})"))
+                    .unwrap_or_default();
+                if key.is_empty() {
+                    format!("invalid configuration{origin}: {}", e.kind)
+                } else {
+                    format!("{key}: {}{origin}", e.kind)
+                }
+            })
+            .collect();
+        Self { problems }
+    }
+}
+
+// === loading ===
+
+impl Config {
+    /// Reads the file (which must exist) and the environment, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(ConfigError::one(format!(
+                    "cannot read config file {}: {e}",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(figment.merge(env_provider()))
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let raw: RawConfig = figment.extract()?;
+        raw.validate()
+    }
+
+    /// Parses TOML text (no environment), for tests and embedding.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(text)))
+    }
+
+    /// The effective configuration as TOML, every secret redacted.
+    pub fn redacted_toml(&self) -> String {
+        use std::fmt::Write;
+        let s = &self.server;
+        let u = &self.upstream;
+        let r = &self.refresh;
+        let mut out = String::new();
+        let q = |v: &str| toml_quote(v);
+        let _ = writeln!(out, "[server]");
+        let _ = writeln!(out, "listen = {}", q(&s.listen.to_string()));
+        let _ = writeln!(out, "admin_listen = {}", q(&s.admin_listen.to_string()));
+        let _ = writeln!(out, "tenant_header = {}", q(s.tenant_header.as_str()));
+        if let Some(t) = &s.default_tenant {
+            let _ = writeln!(out, "default_tenant = {}", q(t));
+        }
+        let _ = writeln!(out, "max_replay_body = {}", s.max_replay_body);
+        let _ = writeln!(
+            out,
+            "shutdown_grace = {}",
+            q(&humantime::format_duration(s.shutdown_grace).to_string())
+        );
+        if let Some(nets) = &s.allowed_clients {
+            let list: Vec<String> = nets.iter().map(|n| q(&n.to_string())).collect();
+            let _ = writeln!(out, "allowed_clients = [{}]", list.join(", "));
+        }
+        let _ = writeln!(out, "\n[upstream]");
+        let _ = writeln!(out, "url = {}", q(u.url.as_str()));
+        let _ = writeln!(out, "token_url = {}", q(u.token_url.as_str()));
+        let _ = writeln!(out, "consent_url = {}", q(u.consent_url.as_str()));
+        let dur = |d: Duration| q(&humantime::format_duration(d).to_string());
+        let _ = writeln!(out, "connect_timeout = {}", dur(u.connect_timeout));
+        let _ = writeln!(out, "timeout = {}", dur(u.timeout));
+        let _ = writeln!(out, "\n[refresh]");
+        let _ = writeln!(out, "at_fraction = {}", r.at_fraction);
+        let _ = writeln!(out, "wait_timeout = {}", dur(r.wait_timeout));
+        let _ = writeln!(out, "token_timeout = {}", dur(r.token_timeout));
+        let _ = writeln!(out, "max_backoff = {}", dur(r.max_backoff));
+        let _ = writeln!(out, "rejected_backoff = {}", dur(r.rejected_backoff));
+        if let Some(p) = &self.store.path {
+            let _ = writeln!(out, "\n[store]\npath = {}", q(&p.display().to_string()));
+        }
+        for t in &self.tenants {
+            let _ = writeln!(out, "\n[tenants.{}]", toml_key(&t.name));
+            let _ = writeln!(out, "grant = {}", q(t.grant.as_str()));
+            let _ = writeln!(out, "client_id = {}", q(&t.client_id));
+            match &t.client_secret {
+                SecretSource::Inline(_) => {
+                    let _ = writeln!(out, "client_secret = \"<redacted>\"");
+                }
+                SecretSource::File(p) => {
+                    let _ = writeln!(out, "client_secret_file = {}", q(&p.display().to_string()));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn toml_quote(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn toml_key(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        s.to_owned()
+    } else {
+        toml_quote(s)
+    }
+}
+
+/// `CRITEO_PROXY_SERVER__LISTEN` → `server.listen`. `CRITEO_PROXY_CONFIG`
+/// names the file and is not a key.
+fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .split("__")
+        .filter(|key| key.as_str() != "config" && key.as_str() != "log_format")
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, msg: String| problems.push(format!("{key}: {msg}"));
+
+        let tenant_header = match HeaderName::from_bytes(self.server.tenant_header.as_bytes()) {
+            Ok(h) => h,
+            Err(_) => {
+                bad(
+                    "server.tenant_header",
+                    format!("{:?} is not a valid header name", self.server.tenant_header),
+                );
+                HeaderName::from_static("x-criteo-tenant")
+            }
+        };
+        if let Some(d) = &self.server.default_tenant {
+            if !self.tenants.contains_key(d) {
+                bad(
+                    "server.default_tenant",
+                    format!("names {d:?}, which is not a configured tenant"),
+                );
+            }
+        }
+        let max_replay_body =
+            usize::try_from(self.server.max_replay_body.as_u64()).unwrap_or(usize::MAX);
+        if self.server.shutdown_grace.is_zero() {
+            bad("server.shutdown_grace", "must be more than 0s".into());
+        }
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
+            bad(
+                "server.admin_listen",
+                format!(
+                    "is the same address as server.listen ({})",
+                    self.server.listen
+                ),
+            );
+        }
+
+        let mut url = |key: &str, value: &str| match Url::parse(value) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+            Ok(_) => {
+                bad(
+                    key,
+                    format!("{value:?} must be an http:// or https:// URL with a host"),
+                );
+                None
+            }
+            Err(e) => {
+                bad(key, format!("{value:?} is not a URL: {e}"));
+                None
+            }
+        };
+        let upstream_url = url("upstream.url", &self.upstream.url);
+        let token_url = url("upstream.token_url", &self.upstream.token_url);
+        let consent_url = url("upstream.consent_url", &self.upstream.consent_url);
+        if let Some(u) = &upstream_url {
+            if u.query().is_some() || u.fragment().is_some() {
+                bad("upstream.url", "must not carry a query or fragment".into());
+            }
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.timeout", self.upstream.timeout),
+            ("refresh.wait_timeout", self.refresh.wait_timeout),
+            ("refresh.token_timeout", self.refresh.token_timeout),
+            ("refresh.max_backoff", self.refresh.max_backoff),
+            ("refresh.rejected_backoff", self.refresh.rejected_backoff),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be more than 0s".into());
+            }
+        }
+
+        let f = self.refresh.at_fraction;
+        if !(f > 0.0 && f < 1.0) {
+            bad(
+                "refresh.at_fraction",
+                format!("{f} must be between 0 and 1 (exclusive), e.g. 0.8"),
+            );
+        }
+
+        if let Some(c) = &self.consent {
+            if c.signing_secret.is_some() && c.signing_secret_file.is_some() {
+                bad(
+                    "consent.signing_secret",
+                    "set signing_secret or signing_secret_file, not both".into(),
+                );
+            }
+            if let Some(p) = &c.signing_secret_file {
+                if let Err(e) = read_secret_file(p) {
+                    bad("consent.signing_secret_file", e);
+                }
+            }
+        }
+
+        if self.tenants.is_empty() {
+            bad(
+                "tenants",
+                "no tenant is configured; add a [tenants.NAME] section".into(),
+            );
+        }
+        let mut tenants = Vec::with_capacity(self.tenants.len());
+        for (name, t) in self.tenants {
+            let key = |field: &str| format!("tenants.{name}.{field}");
+            if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                bad(
+                    &format!("tenants.{name:?}"),
+                    "a tenant name must be non-empty, without spaces".into(),
+                );
+            }
+            if t.grant == Grant::RefreshToken {
+                bad(
+                    &key("grant"),
+                    "\"refresh_token\" tenants are not supported by this version yet; use \"client_credentials\"".into(),
+                );
+                continue;
+            }
+            let client_id = match t.client_id.filter(|s| !s.trim().is_empty()) {
+                Some(id) => id.trim().to_owned(),
+                None => {
+                    bad(&key("client_id"), "is missing".into());
+                    String::new()
+                }
+            };
+            let client_secret = match (t.client_secret, t.client_secret_file) {
+                (Some(_), Some(_)) => {
+                    bad(
+                        &key("client_secret"),
+                        "set client_secret or client_secret_file, not both".into(),
+                    );
+                    None
+                }
+                (None, None) => {
+                    bad(
+                        &key("client_secret"),
+                        "is missing (set client_secret or client_secret_file)".into(),
+                    );
+                    None
+                }
+                (Some(s), None) => {
+                    let src = SecretSource::Inline(s);
+                    match src.load() {
+                        Ok(_) => Some(src),
+                        Err(e) => {
+                            bad(&key("client_secret"), e);
+                            None
+                        }
+                    }
+                }
+                (None, Some(p)) => {
+                    let src = SecretSource::File(p);
+                    match src.load() {
+                        Ok(_) => Some(src),
+                        Err(e) => {
+                            bad(&key("client_secret_file"), e);
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(client_secret) = client_secret {
+                tenants.push(TenantConfig {
+                    name,
+                    grant: t.grant,
+                    client_id,
+                    client_secret,
+                });
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        Ok(Config {
+            server: ServerConfig {
+                listen: self.server.listen,
+                admin_listen: self.server.admin_listen,
+                tenant_header,
+                default_tenant: self.server.default_tenant,
+                max_replay_body,
+                shutdown_grace: self.server.shutdown_grace,
+                allowed_clients: self.server.allowed_clients,
+            },
+            upstream: UpstreamConfig {
+                url: upstream_url.expect("checked above"),
+                token_url: token_url.expect("checked above"),
+                consent_url: consent_url.expect("checked above"),
+                connect_timeout: self.upstream.connect_timeout,
+                timeout: self.upstream.timeout,
+            },
+            refresh: RefreshConfig {
+                at_fraction: f,
+                wait_timeout: self.refresh.wait_timeout,
+                token_timeout: self.refresh.token_timeout,
+                max_backoff: self.refresh.max_backoff,
+                rejected_backoff: self.refresh.rejected_backoff,
+            },
+            store: StoreConfig {
+                path: self.store.path,
+            },
+            tenants,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const MINIMAL: &str = r#"
+        [tenants.main]
+        grant = "client_credentials"
+        client_id = "id"
+        client_secret = "s3cret"
+    "#;
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.server.tenant_header.as_str(), "x-criteo-tenant");
+        assert_eq!(c.server.max_replay_body, 1024 * 1024);
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(c.refresh.at_fraction, 0.8);
+        assert_eq!(c.upstream.url.as_str(), "https://api.criteo.com/");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_with_double_underscore_nesting() {
+        Jail::expect_with(|jail| {
+            jail.create_file("proxy.toml", MINIMAL)?;
+            jail.set_env("CRITEO_PROXY_SERVER__LISTEN", "127.0.0.1:18080");
+            jail.set_env("CRITEO_PROXY_TENANTS__MAIN__CLIENT_ID", "12345");
+            jail.set_env("CRITEO_PROXY_SERVER__MAX_REPLAY_BODY", "2MiB");
+            let c = Config::load(Some(Path::new("proxy.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.server.listen.to_string(), "127.0.0.1:18080");
+            assert_eq!(c.tenants[0].client_id, "12345");
+            assert_eq!(c.server.max_replay_body, 2 * 1024 * 1024);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_files_are_trimmed_and_must_not_be_empty() {
+        Jail::expect_with(|jail| {
+            jail.create_file("secret", "  s3cret\n")?;
+            jail.create_file("empty", " \n")?;
+            let ok = Config::from_toml(
+                "[tenants.a]\ngrant = \"client_credentials\"\nclient_id = \"x\"\nclient_secret_file = \"secret\"\n",
+            )
+            .map_err(|e| e.to_string())?;
+            let s = ok.tenants[0].client_secret.load().unwrap();
+            assert_eq!(s.expose_secret(), "s3cret");
+            let err = Config::from_toml(
+                "[tenants.a]\ngrant = \"client_credentials\"\nclient_id = \"x\"\nclient_secret_file = \"empty\"\n",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("tenants.a.client_secret_file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_bad_key_is_named() {
+        let err = Config::from_toml(
+            r#"
+            [server]
+            default_tenant = "nobody"
+            [refresh]
+            at_fraction = 1.5
+            [tenants.a]
+            grant = "client_credentials"
+            [tenants.b]
+            grant = "client_credentials"
+            client_id = "x"
+            "#,
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "server.default_tenant",
+            "refresh.at_fraction",
+            "tenants.a.client_id",
+            "tenants.a.client_secret",
+            "tenants.b.client_secret",
+        ] {
+            assert!(err.contains(key), "{key} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_grant_and_unknown_keys_are_rejected_by_name() {
+        let err = Config::from_toml("[tenants.a]\ngrant = \"password\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tenants.a.grant"), "{err}");
+        let err = Config::from_toml(&format!("{MINIMAL}\n[server]\nlisten_addr = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn debug_and_redacted_output_never_show_a_secret() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let shown = c.redacted_toml();
+        assert!(!shown.contains("s3cret"));
+        assert!(shown.contains("<redacted>"));
+        // The effective config is itself a valid config.
+        let again = Config::from_toml(&shown).unwrap();
+        assert_eq!(again.tenants[0].client_id, "id");
+    }
+}

@@ -1,0 +1,178 @@
+//! Prometheus metrics. [`Metrics`] owns its registry (no global macros) and
+//! hands each tenant pre-resolved handles, so the request path does no label
+//! hashing for the common statuses.
+
+use http::StatusCode;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    refreshes: IntCounterVec,
+    retries: IntCounterVec,
+    expiry: prometheus::GaugeVec,
+}
+
+/// The statuses whose counters are resolved once per tenant.
+const COMMON: [u16; 14] = [
+    200, 201, 204, 400, 401, 403, 404, 409, 429, 500, 502, 503, 504, 206,
+];
+
+/// Outcomes of a token request, the `outcome` label.
+#[derive(Debug, Clone, Copy)]
+pub enum RefreshOutcome {
+    Success,
+    /// The token endpoint rejected the credentials (e.g. `invalid_client`).
+    Rejected,
+    /// Network error, timeout, 5xx, unreadable answer.
+    Error,
+}
+
+impl RefreshOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            RefreshOutcome::Success => "success",
+            RefreshOutcome::Rejected => "rejected",
+            RefreshOutcome::Error => "error",
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new(registry: Registry) -> Self {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "criteo_proxy_requests_total",
+                "Requests answered by the proxy listener, by tenant and status.",
+            ),
+            &["tenant", "status"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "criteo_proxy_request_duration_seconds",
+                "Time from request to response headers, by tenant.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        let refreshes = IntCounterVec::new(
+            Opts::new(
+                "criteo_proxy_token_refreshes_total",
+                "Calls to the token endpoint, by tenant and outcome.",
+            ),
+            &["tenant", "outcome"],
+        )
+        .expect("valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "criteo_proxy_upstream_retries_total",
+                "Requests replayed with a fresh token after an upstream 401.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        let expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "criteo_proxy_token_expiry_seconds",
+                "Seconds until the tenant's current access token expires (0 when none).",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(refreshes.clone()),
+            Box::new(retries.clone()),
+            Box::new(expiry.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            duration,
+            refreshes,
+            retries,
+            expiry,
+        }
+    }
+
+    /// Handles for one tenant, resolved once.
+    pub fn tenant(&self, name: &str) -> TenantMetrics {
+        TenantMetrics {
+            name: name.into(),
+            common: COMMON.map(|s| {
+                let code = StatusCode::from_u16(s).expect("valid status");
+                self.requests.with_label_values(&[name, code.as_str()])
+            }),
+            requests: self.requests.clone(),
+            duration: self.duration.with_label_values(&[name]),
+            retries: self.retries.with_label_values(&[name]),
+            refreshes: self.refreshes.clone(),
+            expiry: self.expiry.with_label_values(&[name]),
+        }
+    }
+
+    /// Requests that could not be attributed to a configured tenant.
+    pub fn unknown_tenant(&self, status: StatusCode) {
+        self.requests
+            .with_label_values(&["", status.as_str()])
+            .inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantMetrics {
+    name: Box<str>,
+    common: [IntCounter; COMMON.len()],
+    requests: IntCounterVec,
+    duration: Histogram,
+    retries: IntCounter,
+    refreshes: IntCounterVec,
+    expiry: prometheus::Gauge,
+}
+
+impl TenantMetrics {
+    pub fn request(&self, status: StatusCode, seconds: f64) {
+        let code = status.as_u16();
+        match COMMON.iter().position(|&s| s == code) {
+            Some(i) => self.common[i].inc(),
+            None => self
+                .requests
+                .with_label_values(&[&self.name, status.as_str()])
+                .inc(),
+        }
+        self.duration.observe(seconds);
+    }
+
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
+
+    pub fn refresh(&self, outcome: RefreshOutcome) {
+        self.refreshes
+            .with_label_values(&[&self.name, outcome.label()])
+            .inc();
+    }
+
+    pub fn set_expiry(&self, seconds: f64) {
+        self.expiry.set(seconds);
+    }
+}

@@ -1,0 +1,228 @@
+//! The request path: choose the tenant, clean the headers, inject the
+//! token, forward, and replay once with a fresh token on a 401.
+
+mod body;
+pub mod headers;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+pub use body::{OutBody, Prepared, prepare};
+
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::tenant::{Tenant, Tenants};
+use crate::token::{State, Token, Unavailable};
+use crate::upstream::Upstream;
+
+/// What the proxy listener answers: Criteo's streamed body, or the
+/// proxy's own small JSON.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// How much of a 401's body is read (and dropped) before the replay, so
+/// that the pooled connection can be reused.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub struct Proxy {
+    tenants: Arc<Tenants>,
+    upstream: Upstream,
+    metrics: Metrics,
+    tenant_header: HeaderName,
+    max_replay_body: usize,
+    wait_timeout: Duration,
+}
+
+impl Proxy {
+    pub fn new(
+        config: &Config,
+        tenants: Arc<Tenants>,
+        upstream: Upstream,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            tenants,
+            upstream,
+            metrics,
+            tenant_header: config.server.tenant_header.clone(),
+            max_replay_body: config.server.max_replay_body,
+            wait_timeout: config.refresh.wait_timeout,
+        }
+    }
+
+    /// Answers one client request. Never fails: errors become JSON answers.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let requested = match req.headers().get(&self.tenant_header) {
+            None => None,
+            Some(v) => match v.to_str() {
+                Ok(s) => Some(s.trim()),
+                Err(_) => Some("<not text>"),
+            },
+        };
+        let Some(tenant) = self.tenants.choose(requested) else {
+            let err = ProxyError::UnknownTenant(match requested {
+                Some(name) => format!(
+                    "tenant {name:?} is not configured (header {})",
+                    self.tenant_header
+                ),
+                None => format!(
+                    "the request names no tenant: send the {} header (no server.default_tenant is set)",
+                    self.tenant_header
+                ),
+            });
+            self.metrics.unknown_tenant(err.status());
+            tracing::debug!(tenant = requested, error = %err, "request refused");
+            return err.to_response(requested).map(Either::Right);
+        };
+        let tenant = Arc::clone(tenant);
+        let method = req.method().clone();
+        let resp = match self.forward(&tenant, req).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                tracing::debug!(tenant = &*tenant.name, error = %err, "request failed");
+                err.to_response(Some(&tenant.name)).map(Either::Right)
+            }
+        };
+        let elapsed = started.elapsed();
+        tenant.metrics.request(resp.status(), elapsed.as_secs_f64());
+        tracing::debug!(
+            tenant = &*tenant.name,
+            %method,
+            status = resp.status().as_u16(),
+            latency = ?elapsed,
+            "request"
+        );
+        resp
+    }
+
+    async fn forward(
+        &self,
+        tenant: &Tenant,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        headers::sanitize_request(&mut parts.headers, &self.tenant_header);
+        let uri = self
+            .upstream
+            .uri_for(parts.uri.path_and_query())
+            .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))?;
+
+        // No token, no forwarding: get it before reading the body.
+        let token = match tenant.tokens.usable() {
+            Some(t) => t,
+            None => tenant
+                .tokens
+                .wait_usable(0, self.wait_timeout)
+                .await
+                .map_err(|u| unavailable(tenant, u))?,
+        };
+
+        let body = prepare(body, self.max_replay_body)
+            .await
+            .map_err(|e| ProxyError::BadRequest(format!("reading the body: {e}")))?;
+        let bytes = match body {
+            Prepared::Streaming(body) => {
+                let req = outgoing(parts.method, uri, parts.headers, &token, body);
+                return Ok(self.send(req).await?.map(Either::Left));
+            }
+            Prepared::Replayable(bytes) => bytes,
+        };
+
+        let first = outgoing(
+            parts.method.clone(),
+            uri.clone(),
+            parts.headers.clone(),
+            &token,
+            OutBody::full(bytes.clone()),
+        );
+        let resp = self.send(first).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp.map(Either::Left));
+        }
+
+        // The token was refused: drop it (if nobody has yet), get a newer
+        // one through the refresher, and try exactly once more.
+        let _ = Limited::new(resp.into_body(), DRAIN_LIMIT).collect().await;
+        tenant.tokens.retire(&token);
+        tenant.metrics.retry();
+        tracing::info!(
+            tenant = &*tenant.name,
+            generation = token.generation(),
+            "upstream answered 401; replaying once with a fresh token"
+        );
+        let fresh = tenant
+            .tokens
+            .wait_usable(token.generation(), self.wait_timeout)
+            .await
+            .map_err(|u| unavailable(tenant, u))?;
+        let second = outgoing(
+            parts.method,
+            uri,
+            parts.headers,
+            &fresh,
+            OutBody::full(bytes),
+        );
+        Ok(self.send(second).await?.map(Either::Left))
+    }
+
+    async fn send(&self, req: Request<OutBody>) -> Result<Response<Incoming>, ProxyError> {
+        let timeout = self.upstream.timeout();
+        match tokio::time::timeout(timeout, self.upstream.client().request(req)).await {
+            Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+            Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
+            Ok(Ok(mut resp)) => {
+                headers::sanitize_response(resp.headers_mut());
+                Ok(resp)
+            }
+        }
+    }
+}
+
+fn outgoing(
+    method: Method,
+    uri: Uri,
+    mut headers: HeaderMap,
+    token: &Token,
+    body: OutBody,
+) -> Request<OutBody> {
+    headers.insert(AUTHORIZATION, token.header().clone());
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    // The pool picks HTTP/2 by ALPN; an HTTP/1.1 request rides either.
+    *req.version_mut() = Version::HTTP_11;
+    req
+}
+
+fn unavailable(tenant: &Tenant, u: Unavailable) -> ProxyError {
+    match u.state {
+        State::ConsentRequired => ProxyError::ConsentRequired(format!(
+            "{}; open /oauth/authorize?tenant={} on the admin listener to consent again",
+            u.reason, tenant.name
+        )),
+        _ => ProxyError::TokenUnavailable {
+            reason: u.reason,
+            retry_after: u.retry_after,
+        },
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}

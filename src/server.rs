@@ -1,0 +1,228 @@
+//! Wiring and lifecycle: build the tenants and clients, start one
+//! refresher per tenant, accept on both listeners, and shut down in
+//! bounded stages (stop accepting; let in-flight requests finish within
+//! `server.shutdown_grace`; stop the refreshers).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::Admin;
+use crate::config::{Config, RefreshConfig};
+use crate::metrics::Metrics;
+use crate::oauth::TokenEndpoint;
+use crate::proxy::Proxy;
+use crate::tenant::Tenants;
+use crate::token::{TokenSource, refresher};
+use crate::upstream::{Upstream, UpstreamError};
+
+/// The two sockets the proxy serves, bound by the caller (tests bind
+/// `127.0.0.1:0`, so they never race for ports).
+#[derive(Debug)]
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `server.listen` and `server.admin_listen`.
+    pub async fn bind(config: &Config) -> Result<Self, BindError> {
+        let bind = |key: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError { key, addr, source })
+        };
+        Ok(Self {
+            proxy: bind("server.listen", config.server.listen).await?,
+            admin: bind("server.admin_listen", config.server.admin_listen).await?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: cannot listen on {addr}: {source}")]
+pub struct BindError {
+    key: &'static str,
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("upstream.token_url: cannot build the HTTP client: {0}")]
+    TokenClient(#[from] reqwest::Error),
+}
+
+/// A built proxy, ready to serve.
+#[derive(Debug)]
+pub struct App {
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    tenants: Arc<Tenants>,
+    sources: Vec<TokenSource>,
+    refresh: RefreshConfig,
+    shutdown_grace: Duration,
+}
+
+impl App {
+    pub fn new(config: Config) -> Result<Self, StartError> {
+        let metrics = Metrics::new(prometheus::Registry::new());
+        let tenants = Arc::new(Tenants::new(&config, &metrics));
+        let upstream = Upstream::new(&config.upstream)?;
+        let endpoint = TokenEndpoint::new(
+            config.upstream.token_url.clone(),
+            config.refresh.token_timeout,
+        )?;
+        let sources = config
+            .tenants
+            .iter()
+            .map(|t| TokenSource::ClientCredentials {
+                endpoint: endpoint.clone(),
+                client_id: t.client_id.clone(),
+                client_secret: t.client_secret.clone(),
+            })
+            .collect();
+        let proxy = Arc::new(Proxy::new(
+            &config,
+            Arc::clone(&tenants),
+            upstream,
+            metrics.clone(),
+        ));
+        let admin = Arc::new(Admin::new(Arc::clone(&tenants), metrics));
+        Ok(Self {
+            proxy,
+            admin,
+            tenants,
+            sources,
+            refresh: config.refresh,
+            shutdown_grace: config.server.shutdown_grace,
+        })
+    }
+
+    /// Serves until `shutdown` completes, then drains and returns.
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut background = JoinSet::new();
+        for (tenant, source) in self.tenants.iter().zip(self.sources) {
+            background.spawn(refresher::run(
+                Arc::clone(tenant),
+                source,
+                self.refresh.clone(),
+                stop_rx.clone(),
+            ));
+        }
+
+        let proxy_addr = listeners.proxy.local_addr().ok();
+        let admin_addr = listeners.admin.local_addr().ok();
+        tracing::info!(
+            proxy = ?proxy_addr,
+            admin = ?admin_addr,
+            tenants = self.tenants.len(),
+            "listening"
+        );
+
+        let graceful = GracefulShutdown::new();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
+        builder.http2().timer(TokioTimer::new());
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listeners.proxy.accept() => {
+                    let Some(stream) = accepted_or_pause(accepted).await else { continue };
+                    let proxy = Arc::clone(&self.proxy);
+                    let svc = service_fn(move |req| {
+                        let proxy = Arc::clone(&proxy);
+                        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "proxy connection ended with an error");
+                        }
+                    });
+                }
+                accepted = listeners.admin.accept() => {
+                    let Some(stream) = accepted_or_pause(accepted).await else { continue };
+                    let admin = Arc::clone(&self.admin);
+                    let svc = service_fn(move |req| {
+                        let admin = Arc::clone(&admin);
+                        async move { Ok::<_, Infallible>(admin.handle(req).await) }
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "admin connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+
+        // Stage 1: refuse new connections, report not ready.
+        self.admin.begin_shutdown();
+        drop(listeners);
+        tracing::info!(grace = ?self.shutdown_grace, "shutting down: finishing in-flight requests");
+        // Stage 2: let open connections finish, within the grace period.
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all connections closed"),
+            () = tokio::time::sleep(self.shutdown_grace) => {
+                tracing::warn!(grace = ?self.shutdown_grace, "grace period over; closing remaining connections");
+            }
+        }
+        // Stage 3: stop the refreshers.
+        let _ = stop_tx.send(true);
+        while background.join_next().await.is_some() {}
+    }
+
+    pub fn tenants(&self) -> &Arc<Tenants> {
+        &self.tenants
+    }
+}
+
+/// Builds and runs the proxy on the given listeners until `shutdown`.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    App::new(config)?.run(listeners, shutdown).await;
+    Ok(())
+}
+
+/// An accepted stream with `TCP_NODELAY`, or `None` after a short pause on
+/// an accept error (such as running out of file descriptors).
+async fn accepted_or_pause(
+    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+) -> Option<tokio::net::TcpStream> {
+    match accepted {
+        Ok((stream, _peer)) => {
+            let _ = stream.set_nodelay(true);
+            Some(stream)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}

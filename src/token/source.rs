@@ -1,0 +1,34 @@
+//! Where a tenant's tokens come from. One variant per grant; the refresher
+//! does not care which.
+
+use crate::config::SecretSource;
+use crate::oauth::{GrantError, Granted, TokenEndpoint};
+
+#[derive(Debug)]
+pub enum TokenSource {
+    /// `grant_type=client_credentials`: an app acting for itself.
+    ClientCredentials {
+        endpoint: TokenEndpoint,
+        client_id: String,
+        client_secret: SecretSource,
+    },
+}
+
+impl TokenSource {
+    /// One call to the token endpoint. Secrets held in files are read
+    /// again each time, so a rotated credential is used from the next call.
+    pub async fn fetch(&self) -> Result<Granted, GrantError> {
+        match self {
+            TokenSource::ClientCredentials {
+                endpoint,
+                client_id,
+                client_secret,
+            } => {
+                let secret = client_secret
+                    .load()
+                    .map_err(|e| GrantError::Transient(format!("client secret: {e}")))?;
+                endpoint.client_credentials(client_id, &secret).await
+            }
+        }
+    }
+}
