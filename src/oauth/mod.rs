@@ -87,6 +87,10 @@ impl TokenEndpoint {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("criteo-token-proxy/", env!("CARGO_PKG_VERSION")))
+            // Like the API client, talk to the token endpoint directly:
+            // an HTTP(S)_PROXY variable meant for other programs must not
+            // silently reroute credentials.
+            .no_proxy()
             .build()?;
         Ok(Self { http, url })
     }

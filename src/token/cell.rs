@@ -211,6 +211,12 @@ impl TokenCell {
         self.health.store(Arc::new(health));
     }
 
+    /// Changes after every call to the token endpoint, good or bad: what
+    /// to await instead of polling (readiness, tests).
+    pub fn attempts(&self) -> watch::Receiver<()> {
+        self.attempts.subscribe()
+    }
+
     /// Announces the end of an attempt to every waiting request.
     pub(crate) fn attempt_done(&self) {
         self.attempts.send_replace(());

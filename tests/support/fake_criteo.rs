@@ -1,0 +1,512 @@
+//! An in-process stand-in for Criteo on `127.0.0.1:0`: a token endpoint
+//! (client credentials; configurable lifetime, delay, outage) and an API
+//! that answers 401 to unknown, expired or revoked tokens and echoes what
+//! it received.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+type Body = Either<Full<Bytes>, StreamBody<tokio_stream::Chunks>>;
+
+/// What the API saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub body: Bytes,
+    pub status: u16,
+}
+
+#[derive(Debug)]
+struct Issued {
+    client_id: String,
+    issued_at: Instant,
+    expires_at: Instant,
+}
+
+#[derive(Debug)]
+pub struct State {
+    clients: Mutex<HashMap<String, String>>,
+    expires_in: Mutex<Duration>,
+    token_delay: Mutex<Duration>,
+    outage: AtomicBool,
+    always_401: AtomicBool,
+    tokens: Mutex<HashMap<String, Issued>>,
+    revoked: Mutex<Vec<String>>,
+    counter: AtomicU64,
+    token_requests: watch::Sender<usize>,
+    token_forms: Mutex<Vec<HashMap<String, String>>>,
+    /// Renewals that came only after the previous token had expired.
+    late_renewals: AtomicUsize,
+    /// API requests that carried an expired token.
+    expired_presented: AtomicUsize,
+    seen: Mutex<Vec<Seen>>,
+    api_requests: watch::Sender<usize>,
+    release: Notify,
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeCriteo {
+    addr: SocketAddr,
+    state: Arc<State>,
+}
+
+#[derive(Debug)]
+pub struct Builder {
+    clients: HashMap<String, String>,
+    expires_in: Duration,
+    token_delay: Duration,
+    outage: bool,
+}
+
+impl FakeCriteo {
+    pub fn builder() -> Builder {
+        Builder {
+            clients: HashMap::from([("main-id".into(), "main-secret".into())]),
+            expires_in: Duration::from_secs(900),
+            token_delay: Duration::ZERO,
+            outage: false,
+        }
+    }
+
+    pub async fn start() -> Self {
+        Self::builder().start().await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://{}/oauth2/token", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Calls to the token endpoint so far (any outcome).
+    pub fn token_requests(&self) -> usize {
+        *self.state.token_requests.borrow()
+    }
+
+    /// Waits until the token endpoint has been called `n` times.
+    pub async fn wait_token_requests(&self, n: usize, within: Duration) {
+        let mut rx = self.state.token_requests.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|c| *c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("fewer than {n} token requests within {within:?}"))
+            .unwrap();
+    }
+
+    /// Waits until the API has received `n` requests.
+    pub async fn wait_api_requests(&self, n: usize, within: Duration) {
+        let mut rx = self.state.api_requests.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|c| *c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("fewer than {n} API requests within {within:?}"))
+            .unwrap();
+    }
+
+    pub fn token_forms(&self) -> Vec<HashMap<String, String>> {
+        self.state.token_forms.lock().unwrap().clone()
+    }
+
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.state.tokens.lock().unwrap().keys().cloned().collect()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    pub fn seen_path(&self, path: &str) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.path == path).collect()
+    }
+
+    pub fn late_renewals(&self) -> usize {
+        self.state.late_renewals.load(Ordering::SeqCst)
+    }
+
+    pub fn expired_presented(&self) -> usize {
+        self.state.expired_presented.load(Ordering::SeqCst)
+    }
+
+    /// Makes the token endpoint answer 503 (true) or work again (false).
+    pub fn set_outage(&self, on: bool) {
+        self.state.outage.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes the API answer 401 to every token.
+    pub fn set_always_401(&self, on: bool) {
+        self.state.always_401.store(on, Ordering::SeqCst);
+    }
+
+    pub fn set_token_delay(&self, d: Duration) {
+        *self.state.token_delay.lock().unwrap() = d;
+    }
+
+    pub fn set_client(&self, id: &str, secret: &str) {
+        self.state
+            .clients
+            .lock()
+            .unwrap()
+            .insert(id.into(), secret.into());
+    }
+
+    /// Invalidates every token issued so far: the API answers 401 to them.
+    pub fn revoke_all_tokens(&self) {
+        let all: Vec<String> = self.issued_tokens();
+        self.state.revoked.lock().unwrap().extend(all);
+    }
+
+    /// Lets a held `/gated` response send the rest of its body.
+    pub fn release(&self) {
+        self.state.release.notify_one();
+    }
+}
+
+impl Builder {
+    pub fn client(mut self, id: &str, secret: &str) -> Self {
+        self.clients.insert(id.into(), secret.into());
+        self
+    }
+
+    pub fn expires_in(mut self, d: Duration) -> Self {
+        self.expires_in = d;
+        self
+    }
+
+    pub fn token_delay(mut self, d: Duration) -> Self {
+        self.token_delay = d;
+        self
+    }
+
+    pub fn outage(mut self) -> Self {
+        self.outage = true;
+        self
+    }
+
+    pub async fn start(self) -> FakeCriteo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            clients: Mutex::new(self.clients),
+            expires_in: Mutex::new(self.expires_in),
+            token_delay: Mutex::new(self.token_delay),
+            outage: AtomicBool::new(self.outage),
+            always_401: AtomicBool::new(false),
+            tokens: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(Vec::new()),
+            counter: AtomicU64::new(0),
+            token_requests: watch::Sender::new(0),
+            token_forms: Mutex::new(Vec::new()),
+            late_renewals: AtomicUsize::new(0),
+            expired_presented: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
+            api_requests: watch::Sender::new(0),
+            release: Notify::new(),
+        });
+        let st = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = Arc::clone(&st);
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let st = Arc::clone(&st);
+                        async move { Ok::<_, Infallible>(handle(st, req).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeCriteo { addr, state }
+    }
+}
+
+fn json_body(status: StatusCode, v: Value) -> Response<Body> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(v.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    if req.uri().path() == "/oauth2/token" {
+        token(st, req).await
+    } else {
+        api(st, req).await
+    }
+}
+
+async fn token(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let delay = *st.token_delay.lock().unwrap();
+    let ct = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    st.token_forms.lock().unwrap().push(form.clone());
+    st.token_requests.send_modify(|c| *c += 1);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if st.outage.load(Ordering::SeqCst) {
+        return json_body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "unavailable"}),
+        );
+    }
+    if ct != "application/x-www-form-urlencoded" {
+        return json_body(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_request", "error_description": "Content-Type must be form"}),
+        );
+    }
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return json_body(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unsupported_grant_type"}),
+        );
+    }
+    let id = form.get("client_id").cloned().unwrap_or_default();
+    let ok = st.clients.lock().unwrap().get(&id) == form.get("client_secret");
+    if !ok {
+        return json_body(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid_client", "error_description": "unknown client or wrong secret"}),
+        );
+    }
+    let n = st.counter.fetch_add(1, Ordering::SeqCst) + 1;
+    let access = format!("fake-access-{n}-{:016x}", rand_u64());
+    let lifetime = *st.expires_in.lock().unwrap();
+    let now = Instant::now();
+    {
+        let mut tokens = st.tokens.lock().unwrap();
+        // Was the client's newest previous token already expired?
+        if let Some(prev) = tokens
+            .values()
+            .filter(|t| t.client_id == id)
+            .max_by_key(|t| t.issued_at)
+        {
+            if prev.expires_at <= now {
+                st.late_renewals.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        tokens.insert(
+            access.clone(),
+            Issued {
+                client_id: id,
+                issued_at: now,
+                expires_at: now + lifetime,
+            },
+        );
+    }
+    json_body(
+        StatusCode::OK,
+        json!({"access_token": access, "token_type": "Bearer", "expires_in": lifetime.as_secs()}),
+    )
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
+
+fn criteo_401(code: &str) -> Response<Body> {
+    json_body(
+        StatusCode::UNAUTHORIZED,
+        json!({"errors": [{"type": "authorization", "code": code, "title": "Unauthorized"}]}),
+    )
+}
+
+async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let headers: HashMap<String, String> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("?").to_owned()))
+        .collect();
+    let token = headers
+        .get("authorization")
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().map(str::to_owned);
+    let param = |name: &str| -> Option<u64> {
+        url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse().ok())
+    };
+
+    let verdict = match &token {
+        None => Some("authorization-token-invalid"),
+        Some(t) => {
+            let tokens = st.tokens.lock().unwrap();
+            match tokens.get(t) {
+                None => Some("authorization-token-invalid"),
+                Some(i) if i.expires_at <= Instant::now() => {
+                    st.expired_presented.fetch_add(1, Ordering::SeqCst);
+                    Some("authorization-token-expired")
+                }
+                Some(_) if st.revoked.lock().unwrap().contains(t) => {
+                    Some("authorization-token-invalid")
+                }
+                Some(_) if st.always_401.load(Ordering::SeqCst) || path == "/always-401" => {
+                    Some("authorization-token-invalid")
+                }
+                Some(_) => None,
+            }
+        }
+    };
+    let mut resp = match verdict {
+        Some(code) => criteo_401(code),
+        None => match path.as_str() {
+            "/forbidden" => json_body(
+                StatusCode::FORBIDDEN,
+                json!({"errors": [{"type": "authorization", "code": "forbidden", "title": "app access revoked"}]}),
+            ),
+            "/slow" => {
+                tokio::time::sleep(Duration::from_millis(param("ms").unwrap_or(1000))).await;
+                json_body(StatusCode::OK, json!({"slow": true}))
+            }
+            "/big" | "/gated" => {
+                let total = param("bytes").unwrap_or(8 << 20) as usize;
+                let gate = (path == "/gated").then(|| Arc::clone(&st));
+                let mut r = Response::new(Either::Right(StreamBody::new(
+                    tokio_stream::Chunks::new(total, gate),
+                )));
+                r.headers_mut()
+                    .insert("content-type", "application/octet-stream".parse().unwrap());
+                r
+            }
+            _ => {
+                let status = param("status")
+                    .and_then(|s| StatusCode::from_u16(s as u16).ok())
+                    .unwrap_or(StatusCode::OK);
+                let mut r = json_body(
+                    status,
+                    json!({
+                        "method": parts.method.as_str(),
+                        "path": path,
+                        "query": query,
+                        "headers": headers,
+                        "body": String::from_utf8_lossy(&body),
+                        "body_len": body.len(),
+                    }),
+                );
+                r.headers_mut()
+                    .insert("x-fake-criteo", "echo".parse().unwrap());
+                r
+            }
+        },
+    };
+    st.seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        path,
+        query,
+        headers,
+        body,
+        status: resp.status().as_u16(),
+    });
+    st.api_requests.send_modify(|c| *c += 1);
+    resp.headers_mut()
+        .insert("x-ratelimit-remaining", "249".parse().unwrap());
+    resp
+}
+
+/// A minimal stream of body chunks, written here to avoid a dependency.
+pub mod tokio_stream {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use hyper::body::Frame;
+    use std::convert::Infallible;
+    use std::future::Future;
+
+    const CHUNK: usize = 64 * 1024;
+
+    /// `total` bytes of a repeating pattern; with a gate, the first chunk
+    /// goes at once and the rest only after `FakeCriteo::release`.
+    pub struct Chunks {
+        left: usize,
+        sent: usize,
+        gate: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    }
+
+    impl Chunks {
+        pub fn new(total: usize, gate: Option<Arc<super::State>>) -> Self {
+            Self {
+                left: total,
+                sent: 0,
+                gate: gate.map(|st| {
+                    Box::pin(async move { st.release.notified().await })
+                        as Pin<Box<dyn Future<Output = ()> + Send>>
+                }),
+            }
+        }
+    }
+
+    impl futures_core::Stream for Chunks {
+        type Item = Result<Frame<Bytes>, Infallible>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            if self.sent > 0 {
+                if let Some(g) = self.gate.as_mut() {
+                    match g.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(()) => self.gate = None,
+                    }
+                }
+            }
+            let n = self.left.min(CHUNK);
+            let start = self.sent;
+            let chunk: Vec<u8> = (start..start + n).map(|i| (i % 251) as u8).collect();
+            self.left -= n;
+            self.sent += n;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+        }
+    }
+}
+
+/// The byte at offset `i` of a `/big` or `/gated` body.
+pub fn pattern_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
