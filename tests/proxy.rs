@@ -120,11 +120,10 @@ async fn the_tenant_comes_from_the_header_or_the_default() {
     assert_eq!(forms.len(), 2, "one token per tenant");
 
     let who = |resp: Value| -> String {
-        let auth = resp["headers"]["authorization"]
+        resp["headers"]["authorization"]
             .as_str()
             .unwrap()
-            .to_owned();
-        auth
+            .to_owned()
     };
     let acme = who(json(
         client()
