@@ -443,8 +443,8 @@ fn toml_key(s: &str) -> String {
 /// names the file and is not a key.
 fn env_provider() -> Env {
     Env::prefixed(ENV_PREFIX)
+        .ignore(&["config", "log_format"])
         .split("__")
-        .filter(|key| key.as_str() != "config" && key.as_str() != "log_format")
 }
 
 impl RawConfig {

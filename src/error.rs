@@ -32,6 +32,9 @@ pub enum ProxyError {
     /// The upstream did not answer within `upstream.timeout`.
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// The client's address is outside `server.allowed_clients`.
+    #[error("client address {0} is not in server.allowed_clients")]
+    ClientNotAllowed(std::net::IpAddr),
     /// The client's request could not be read or forwarded as sent.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -44,6 +47,7 @@ impl ProxyError {
             ProxyError::ConsentRequired(_) | ProxyError::TokenUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::ClientNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -55,6 +59,7 @@ impl ProxyError {
             ProxyError::UnknownTenant(_) => "unknown_tenant",
             ProxyError::ConsentRequired(_) => "consent_required",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::ClientNotAllowed(_) => "client_not_allowed",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::BadRequest(_) => "bad_request",

@@ -123,7 +123,8 @@ impl Metrics {
         }
     }
 
-    /// Requests that could not be attributed to a configured tenant.
+    /// Requests that could not be attributed to a configured tenant
+    /// (counted with `tenant=""`).
     pub fn unknown_tenant(&self, status: StatusCode) {
         self.requests
             .with_label_values(&["", status.as_str()])

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::admin::Admin;
 use crate::config::{Config, RefreshConfig};
+use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::oauth::TokenEndpoint;
 use crate::proxy::Proxy;
@@ -74,10 +75,22 @@ pub struct App {
     sources: Vec<TokenSource>,
     refresh: RefreshConfig,
     shutdown_grace: Duration,
+    allowed_clients: Option<Vec<ipnet::IpNet>>,
 }
 
 impl App {
     pub fn new(config: Config) -> Result<Self, StartError> {
+        for (key, addr) in [
+            ("server.listen", config.server.listen),
+            ("server.admin_listen", config.server.admin_listen),
+        ] {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "{key} is not a loopback address: anything that can reach it can use this proxy's Criteo credentials; consider server.allowed_clients"
+                );
+            }
+        }
         let metrics = Metrics::new(prometheus::Registry::new());
         let tenants = Arc::new(Tenants::new(&config, &metrics));
         let upstream = Upstream::new(&config.upstream)?;
@@ -108,14 +121,15 @@ impl App {
             sources,
             refresh: config.refresh,
             shutdown_grace: config.server.shutdown_grace,
+            allowed_clients: config.server.allowed_clients,
         })
     }
 
     /// Serves until `shutdown` completes, then drains and returns.
-    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut background = JoinSet::new();
-        for (tenant, source) in self.tenants.iter().zip(self.sources) {
+        for (tenant, source) in self.tenants.iter().zip(std::mem::take(&mut self.sources)) {
             background.spawn(refresher::run(
                 Arc::clone(tenant),
                 source,
@@ -124,11 +138,13 @@ impl App {
             ));
         }
 
-        let proxy_addr = listeners.proxy.local_addr().ok();
-        let admin_addr = listeners.admin.local_addr().ok();
+        let addr = |l: &TcpListener| {
+            l.local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string())
+        };
         tracing::info!(
-            proxy = ?proxy_addr,
-            admin = ?admin_addr,
+            proxy = %addr(&listeners.proxy),
+            admin = %addr(&listeners.admin),
             tenants = self.tenants.len(),
             "listening"
         );
@@ -145,11 +161,18 @@ impl App {
         loop {
             tokio::select! {
                 accepted = listeners.proxy.accept() => {
-                    let Some(stream) = accepted_or_pause(accepted).await else { continue };
+                    let Some((stream, peer)) = accepted_or_pause(accepted).await else { continue };
+                    let refused = self.refuses(peer);
                     let proxy = Arc::clone(&self.proxy);
                     let svc = service_fn(move |req| {
                         let proxy = Arc::clone(&proxy);
-                        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                        let refused = refused.clone();
+                        async move {
+                            Ok::<_, Infallible>(match refused {
+                                Some(err) => proxy.refuse(&err),
+                                None => proxy.handle(req).await,
+                            })
+                        }
                     });
                     let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                     let conn = graceful.watch(conn);
@@ -160,7 +183,7 @@ impl App {
                     });
                 }
                 accepted = listeners.admin.accept() => {
-                    let Some(stream) = accepted_or_pause(accepted).await else { continue };
+                    let Some((stream, _)) = accepted_or_pause(accepted).await else { continue };
                     let admin = Arc::clone(&self.admin);
                     let svc = service_fn(move |req| {
                         let admin = Arc::clone(&admin);
@@ -197,6 +220,19 @@ impl App {
     pub fn tenants(&self) -> &Arc<Tenants> {
         &self.tenants
     }
+
+    /// The error a client at `peer` gets if `server.allowed_clients` leaves
+    /// it out.
+    fn refuses(&self, peer: SocketAddr) -> Option<Arc<ProxyError>> {
+        let nets = self.allowed_clients.as_ref()?;
+        let ip = peer.ip().to_canonical();
+        if nets.iter().any(|n| n.contains(&ip)) {
+            None
+        } else {
+            tracing::warn!(client = %ip, "connection from outside server.allowed_clients refused");
+            Some(Arc::new(ProxyError::ClientNotAllowed(ip)))
+        }
+    }
 }
 
 /// Builds and runs the proxy on the given listeners until `shutdown`.
@@ -213,11 +249,11 @@ pub async fn run(
 /// an accept error (such as running out of file descriptors).
 async fn accepted_or_pause(
     accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
-) -> Option<tokio::net::TcpStream> {
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     match accepted {
-        Ok((stream, _peer)) => {
+        Ok((stream, peer)) => {
             let _ = stream.set_nodelay(true);
-            Some(stream)
+            Some((stream, peer))
         }
         Err(e) => {
             tracing::warn!(error = %e, "accept failed");

@@ -673,3 +673,34 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         "new connections are refused"
     );
 }
+
+#[tokio::test]
+async fn clients_outside_allowed_clients_get_a_403_and_nothing_is_forwarded() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .server("allowed_clients = [\"192.0.2.0/24\", \"::1/128\"]")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    let resp = client()
+        .get(format!("{}/x", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["x-criteo-proxy-error"], "client_not_allowed");
+    assert!(fake.seen().is_empty());
+
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .server("allowed_clients = [\"127.0.0.0/8\"]")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    let resp = client()
+        .get(format!("{}/x", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

@@ -103,6 +103,12 @@ impl Proxy {
         resp
     }
 
+    /// The answer to a client that may not use the proxy at all.
+    pub fn refuse(&self, err: &ProxyError) -> Response<ResponseBody> {
+        self.metrics.unknown_tenant(err.status());
+        err.to_response(None).map(Either::Right)
+    }
+
     async fn forward(
         &self,
         tenant: &Tenant,

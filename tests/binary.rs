@@ -1,0 +1,397 @@
+//! The real binary as a user runs it: bad configurations, `check-config`,
+//! signals, and what it writes to its logs.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{FakeCriteo, client};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+const BIN: &str = env!("CARGO_BIN_EXE_criteo-token-proxy");
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn command() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("RUST_LOG")
+        .env_remove("CRITEO_PROXY_CONFIG")
+        .kill_on_drop(true);
+    c
+}
+
+/// Runs the binary to completion: (exit code, stdout, stderr).
+async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut c = command();
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), c.output())
+        .await
+        .expect("the binary exits on its own")
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn config_for(fake: &FakeCriteo, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+default_tenant = "main"
+
+[upstream]
+url = "{}"
+token_url = "{}"
+
+[tenants.main]
+grant = "client_credentials"
+client_id = "main-id"
+client_secret = "main-secret"
+{extra}
+"#,
+        fake.url(),
+        fake.token_url()
+    )
+}
+
+/// A running proxy process whose JSON log lines are collected.
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    seen: watch::Receiver<usize>,
+    proxy: String,
+    admin: String,
+}
+
+impl Running {
+    async fn start(config: &Path, rust_log: &str) -> Self {
+        let mut child = command()
+            .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, seen) = watch::channel(0usize);
+        let sink = Arc::clone(&lines);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let n = {
+                    let mut l = sink.lock().unwrap();
+                    l.push(line);
+                    l.len()
+                };
+                tx.send_replace(n);
+            }
+        });
+        let mut r = Running {
+            child,
+            lines,
+            seen,
+            proxy: String::new(),
+            admin: String::new(),
+        };
+        let listening = r.wait_for_message("listening").await;
+        r.proxy = format!("http://{}", listening["fields"]["proxy"].as_str().unwrap());
+        r.admin = format!("http://{}", listening["fields"]["admin"].as_str().unwrap());
+        r
+    }
+
+    /// Waits for a log line whose message is `message`.
+    async fn wait_for_message(&mut self, message: &str) -> Value {
+        let lines = Arc::clone(&self.lines);
+        let find = || {
+            lines.lock().unwrap().iter().find_map(|l| {
+                let v: Value = serde_json::from_str(l).ok()?;
+                (v["fields"]["message"] == message).then_some(v)
+            })
+        };
+        let wait = async {
+            loop {
+                if let Some(v) = find() {
+                    return v;
+                }
+                if self.seen.changed().await.is_err() {
+                    panic!(
+                        "the process ended before logging {message:?}: {:?}",
+                        self.lines.lock().unwrap()
+                    );
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no {message:?} log line"))
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    async fn wait_exit(&mut self) -> i32 {
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the process exits")
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    }
+
+    fn all_logs(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_non_zero_with_one_message_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok_tenant = "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nclient_secret = \"s\"\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("invalid TOML", "[server\nlisten = ".into(), "invalid configuration"),
+        (
+            "unknown grant",
+            "[tenants.main]\ngrant = \"password\"\nclient_id = \"id\"\nclient_secret = \"s\"\n".into(),
+            "tenants.main.grant",
+        ),
+        (
+            "missing secret",
+            "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"id\"\n".into(),
+            "tenants.main.client_secret",
+        ),
+        (
+            "missing secret file",
+            "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nclient_secret_file = \"/nonexistent/secret\"\n".into(),
+            "tenants.main.client_secret_file",
+        ),
+        (
+            "bad address",
+            format!("[server]\nlisten = \"localhost-ish\"\n{ok_tenant}"),
+            "server.listen",
+        ),
+        (
+            "bad upstream URL",
+            format!("[upstream]\nurl = \"ftp://api.criteo.com\"\n{ok_tenant}"),
+            "upstream.url",
+        ),
+        (
+            "unknown key",
+            format!("[server]\nlisen = \"127.0.0.1:1\"\n{ok_tenant}"),
+            "lisen",
+        ),
+        ("no tenants", "[server]\n".into(), "tenants"),
+    ];
+    for (what, text, key) in cases {
+        let path = write(dir.path(), "bad.toml", &text);
+        for args in [
+            vec!["--config", path.to_str().unwrap()],
+            vec!["check-config", "--config", path.to_str().unwrap()],
+        ] {
+            let (code, _, stderr) = run_to_end(&args, &[]).await;
+            assert_ne!(code, 0, "{what}: exit code");
+            assert!(
+                stderr.contains(key),
+                "{what}: {key:?} not named in {stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        }
+    }
+
+    let (code, _, stderr) = run_to_end(&["--config", "/nonexistent/proxy.toml"], &[]).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("/nonexistent/proxy.toml"), "{stderr}");
+
+    let path = write(dir.path(), "ok.toml", ok_tenant);
+    let (code, _, stderr) = run_to_end(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[("CRITEO_PROXY_SERVER__LISTEN", "nope")],
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("server.listen"), "{stderr}");
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(dir.path(), "secret", "file-secret-value\n");
+    let path = write(
+        dir.path(),
+        "proxy.toml",
+        &format!(
+            "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nclient_secret = \"inline-secret-value\"\n\
+             [tenants.other]\ngrant = \"client_credentials\"\nclient_id = \"id2\"\nclient_secret_file = \"{}\"\n",
+            secret.display()
+        ),
+    );
+    let (code, stdout, stderr) = run_to_end(
+        &["check-config"],
+        &[
+            ("CRITEO_PROXY_CONFIG", path.to_str().unwrap()),
+            ("CRITEO_PROXY_SERVER__LISTEN", "127.0.0.1:18080"),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("listen = \"127.0.0.1:18080\""), "{stdout}");
+    assert!(
+        stdout.contains("max_replay_body"),
+        "defaults are shown: {stdout}"
+    );
+    assert!(
+        stdout.contains("client_secret = \"<redacted>\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("inline-secret-value") && !stderr.contains("inline-secret-value"));
+    assert!(!stdout.contains("file-secret-value") && !stderr.contains("file-secret-value"));
+}
+
+#[tokio::test]
+async fn an_address_in_use_is_a_clear_error() {
+    let fake = FakeCriteo::start().await;
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_for(&fake, "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", busy.local_addr().unwrap()),
+    );
+    let path = write(dir.path(), "proxy.toml", &text);
+    let (code, _, stderr) = run_to_end(&["--config", path.to_str().unwrap()], &[]).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("server.listen"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let fake = FakeCriteo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "proxy.toml", &config_for(&fake, ""));
+    let mut proxy = Running::start(&path, "info").await;
+    proxy.wait_for_message("access token obtained").await;
+
+    let url = format!("{}/slow?ms=800", proxy.proxy);
+    let slow = tokio::spawn(async move { client().get(url).send().await.map(|r| r.status()) });
+    fake.wait_api_requests(1, Duration::from_secs(10)).await;
+    proxy.signal("-TERM");
+
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "the in-flight request finished"
+    );
+    assert_eq!(proxy.wait_exit().await, 0);
+    assert!(
+        client()
+            .get(format!("{}/x", proxy.proxy))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn sigint_exits_zero() {
+    let fake = FakeCriteo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "proxy.toml", &config_for(&fake, ""));
+    let mut proxy = Running::start(&path, "info").await;
+    let resp = client()
+        .get(format!("{}/healthz", proxy.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    proxy.signal("-INT");
+    assert_eq!(proxy.wait_exit().await, 0);
+}
+
+#[tokio::test]
+async fn no_secret_or_token_ever_reaches_the_logs() {
+    let fake = FakeCriteo::builder()
+        .client("other-id", "other-secret-value")
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = write(dir.path(), "secret", "other-secret-value\n");
+    let extra = format!(
+        "[tenants.other]\ngrant = \"client_credentials\"\nclient_id = \"other-id\"\nclient_secret_file = \"{}\"\n\
+         [tenants.wrong]\ngrant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret = \"wrong-secret-value\"\n",
+        secret_file.display()
+    );
+    let path = write(dir.path(), "proxy.toml", &config_for(&fake, &extra));
+    let mut proxy = Running::start(&path, "trace").await;
+    fake.wait_token_requests(3, Duration::from_secs(10)).await;
+    proxy.wait_for_message("access token obtained").await;
+
+    // A request, a 401 and its replay, a rejected tenant: every path that
+    // handles a secret or a token.
+    let c = client();
+    for tenant in ["main", "other", "wrong"] {
+        let _ = c
+            .get(format!("{}/x", proxy.proxy))
+            .header("x-criteo-tenant", tenant)
+            .header("authorization", "Bearer client-supplied-credential")
+            .send()
+            .await
+            .unwrap();
+    }
+    fake.revoke_all_tokens();
+    let resp = c
+        .post(format!("{}/x", proxy.proxy))
+        .body("replayed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = c
+        .get(format!("{}/tenants", proxy.admin))
+        .send()
+        .await
+        .unwrap();
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+
+    let logs = proxy.all_logs();
+    assert!(logs.contains("access token obtained"), "logs were captured");
+    assert!(
+        logs.contains("invalid_client"),
+        "the rejection is explained"
+    );
+    let mut secrets = vec![
+        "main-secret".to_owned(),
+        "other-secret-value".to_owned(),
+        "wrong-secret-value".to_owned(),
+        "client-supplied-credential".to_owned(),
+    ];
+    secrets.extend(fake.issued_tokens());
+    assert!(fake.issued_tokens().len() >= 3);
+    for s in secrets {
+        assert!(!logs.contains(&s), "{s} appears in the logs");
+    }
+}
