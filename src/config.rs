@@ -79,6 +79,7 @@ struct RawUpstream {
     connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     timeout: Duration,
+    ca_file: Option<PathBuf>,
 }
 
 impl Default for RawUpstream {
@@ -89,6 +90,7 @@ impl Default for RawUpstream {
             consent_url: "https://consent.criteo.com/request".into(),
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(60),
+            ca_file: None,
         }
     }
 }
@@ -227,6 +229,33 @@ pub struct UpstreamConfig {
     pub consent_url: Url,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Extra trusted roots (PEM) besides the built-in web PKI roots.
+    pub extra_roots: Option<ExtraRoots>,
+}
+
+/// Certificates from `upstream.ca_file`, parsed once, kept as PEM too for
+/// the token client.
+#[derive(Debug, Clone)]
+pub struct ExtraRoots {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
+    pub certs: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+fn read_roots(path: &Path) -> Result<ExtraRoots, String> {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(ExtraRoots {
+        path: path.to_owned(),
+        pem,
+        certs,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -398,6 +427,9 @@ impl Config {
         let dur = |d: Duration| q(&humantime::format_duration(d).to_string());
         let _ = writeln!(out, "connect_timeout = {}", dur(u.connect_timeout));
         let _ = writeln!(out, "timeout = {}", dur(u.timeout));
+        if let Some(r) = &u.extra_roots {
+            let _ = writeln!(out, "ca_file = {}", q(&r.path.display().to_string()));
+        }
         let _ = writeln!(out, "\n[refresh]");
         let _ = writeln!(out, "at_fraction = {}", r.at_fraction);
         let _ = writeln!(out, "wait_timeout = {}", dur(r.wait_timeout));
@@ -507,6 +539,16 @@ impl RawConfig {
                 bad("upstream.url", "must not carry a query or fragment".into());
             }
         }
+        let extra_roots = match &self.upstream.ca_file {
+            None => None,
+            Some(p) => match read_roots(p) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    bad("upstream.ca_file", e);
+                    None
+                }
+            },
+        };
         for (key, d) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.timeout", self.upstream.timeout),
@@ -636,6 +678,7 @@ impl RawConfig {
                 consent_url: consent_url.expect("checked above"),
                 connect_timeout: self.upstream.connect_timeout,
                 timeout: self.upstream.timeout,
+                extra_roots,
             },
             refresh: RefreshConfig {
                 at_fraction: f,

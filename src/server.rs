@@ -97,6 +97,7 @@ impl App {
         let endpoint = TokenEndpoint::new(
             config.upstream.token_url.clone(),
             config.refresh.token_timeout,
+            config.upstream.extra_roots.as_ref(),
         )?;
         let sources = config
             .tenants

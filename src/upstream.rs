@@ -56,9 +56,8 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)?
+            .with_tls_config(tls_config(cfg)?)
             .https_or_http()
             .enable_http1()
             .enable_http2()
@@ -101,4 +100,21 @@ impl Upstream {
             }
         }
     }
+}
+
+/// rustls with the ring provider, the web PKI roots and any
+/// `upstream.ca_file` roots. ALPN is set by the connector builder.
+fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, UpstreamError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(extra) = &cfg.extra_roots {
+        for cert in &extra.certs {
+            roots.add(cert.clone())?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }

@@ -704,3 +704,40 @@ async fn clients_outside_allowed_clients_get_a_403_and_nothing_is_forwarded() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn speaks_tls_to_the_upstream_with_http2_by_alpn() {
+    let fake = FakeCriteo::builder().tls().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, fake.ca_pem().unwrap()).unwrap();
+    let proxy = TestProxy::builder(&fake)
+        .upstream(&format!("ca_file = \"{}\"", ca.display()))
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    let resp = client()
+        .post(format!("{}/2024-10/advertisers/me?x=1", proxy.url))
+        .body("over tls")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo = json(resp).await;
+    assert_eq!(echo["version"], "HTTP/2.0", "ALPN chose HTTP/2");
+    assert_eq!(echo["body"], "over tls");
+    assert_eq!(echo["query"], "x=1");
+
+    // Without the extra root the certificate is not trusted: no token, so
+    // nothing is forwarded.
+    let untrusting = TestProxy::builder(&fake)
+        .refresh("wait_timeout = \"1s\"")
+        .start()
+        .await;
+    let resp = client()
+        .get(format!("{}/x", untrusting.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+}

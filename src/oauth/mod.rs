@@ -82,8 +82,18 @@ pub struct TokenEndpoint {
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(900);
 
 impl TokenEndpoint {
-    pub fn new(url: Url, timeout: Duration) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+    pub fn new(
+        url: Url,
+        timeout: Duration,
+        extra_roots: Option<&crate::config::ExtraRoots>,
+    ) -> Result<Self, reqwest::Error> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(extra) = extra_roots {
+            for cert in reqwest::Certificate::from_pem_bundle(&extra.pem)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("criteo-token-proxy/", env!("CARGO_PKG_VERSION")))

@@ -66,6 +66,8 @@ pub struct State {
 pub struct FakeCriteo {
     addr: SocketAddr,
     state: Arc<State>,
+    /// With TLS: the PEM of its self-signed certificate, to be trusted.
+    ca_pem: Option<String>,
 }
 
 #[derive(Debug)]
@@ -74,6 +76,7 @@ pub struct Builder {
     expires_in: Duration,
     token_delay: Duration,
     outage: bool,
+    tls: bool,
 }
 
 impl FakeCriteo {
@@ -83,6 +86,7 @@ impl FakeCriteo {
             expires_in: Duration::from_secs(900),
             token_delay: Duration::ZERO,
             outage: false,
+            tls: false,
         }
     }
 
@@ -90,12 +94,24 @@ impl FakeCriteo {
         Self::builder().start().await
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme(), self.addr)
     }
 
     pub fn token_url(&self) -> String {
-        format!("http://{}/oauth2/token", self.addr)
+        format!("{}://{}/oauth2/token", self.scheme(), self.addr)
+    }
+
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -204,6 +220,13 @@ impl Builder {
         self
     }
 
+    /// Serves HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with a self-signed
+    /// certificate for 127.0.0.1.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     pub async fn start(self) -> FakeCriteo {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -224,6 +247,12 @@ impl Builder {
             api_requests: watch::Sender::new(0),
             release: Notify::new(),
         });
+        let (acceptor, ca_pem) = if self.tls {
+            let (a, pem) = tls_acceptor();
+            (Some(a), Some(pem))
+        } else {
+            (None, None)
+        };
         let st = Arc::clone(&state);
         tokio::spawn(async move {
             loop {
@@ -231,19 +260,51 @@ impl Builder {
                     continue;
                 };
                 let st = Arc::clone(&st);
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let st = Arc::clone(&st);
                         async move { Ok::<_, Infallible>(handle(st, req).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        FakeCriteo { addr, state }
+        FakeCriteo {
+            addr,
+            state,
+            ca_pem,
+        }
     }
+}
+
+fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        ck.cert.pem(),
+    )
 }
 
 fn json_body(status: StatusCode, v: Value) -> Response<Body> {
@@ -421,6 +482,7 @@ async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                     status,
                     json!({
                         "method": parts.method.as_str(),
+                        "version": format!("{:?}", parts.version),
                         "path": path,
                         "query": query,
                         "headers": headers,
