@@ -127,11 +127,8 @@ struct RawStore {
     path: Option<PathBuf>,
 }
 
-/// Read so that DESIGN.md's full example parses; consent onboarding that
-/// uses it is not built yet.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 struct RawConsent {
     #[serde(default, deserialize_with = "opt_lenient_string")]
     signing_key: Option<String>,
@@ -142,7 +139,6 @@ struct RawConsent {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // the refresh-token fields wait for that grant
 struct RawTenant {
     grant: Grant,
     #[serde(default, deserialize_with = "opt_lenient_string")]
@@ -208,7 +204,16 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub refresh: RefreshConfig,
     pub store: StoreConfig,
+    pub consent: Option<ConsentConfig>,
     pub tenants: Vec<TenantConfig>,
+}
+
+/// Signing key pair of the app's consent connector (client-credentials
+/// apps' programmatic consent).
+#[derive(Debug, Clone)]
+pub struct ConsentConfig {
+    pub signing_key: String,
+    pub signing_secret: SecretSource,
 }
 
 #[derive(Debug, Clone)]
@@ -283,6 +288,11 @@ pub struct TenantConfig {
     pub grant: Grant,
     pub client_id: String,
     pub client_secret: SecretSource,
+    /// Refresh-token tenants: where Criteo sends the person after consent.
+    pub redirect_uri: Option<String>,
+    /// Refresh-token tenants: the refresh token to start from when the
+    /// store holds none.
+    pub seed_refresh_token: Option<SecretSource>,
 }
 
 /// Where a secret lives. A file is read again at every use, so that a
@@ -325,6 +335,36 @@ fn read_secret_file(path: &Path) -> Result<SecretString, String> {
         return Err(format!("{} is empty", path.display()));
     }
     Ok(SecretString::from(trimmed.to_owned()))
+}
+
+/// `NAME` inline or `NAME_file`, exactly one, read once now to check it.
+/// `key` names the inline key; errors about the file name `key_file`.
+fn secret_pair(
+    key: &str,
+    inline: Option<SecretString>,
+    file: Option<PathBuf>,
+    bad: &mut impl FnMut(&str, String),
+) -> Option<SecretSource> {
+    let file_key = format!("{key}_file");
+    let (src, src_key) = match (inline, file) {
+        (Some(_), Some(_)) => {
+            bad(key, format!("set {key} or {file_key}, not both"));
+            return None;
+        }
+        (None, None) => {
+            bad(key, format!("is missing (set {key} or {file_key})"));
+            return None;
+        }
+        (Some(s), None) => (SecretSource::Inline(s), key),
+        (None, Some(p)) => (SecretSource::File(p), file_key.as_str()),
+    };
+    match src.load() {
+        Ok(_) => Some(src),
+        Err(e) => {
+            bad(src_key, e);
+            None
+        }
+    }
 }
 
 // === errors ===
@@ -570,19 +610,35 @@ impl RawConfig {
             );
         }
 
-        if let Some(c) = &self.consent {
-            if c.signing_secret.is_some() && c.signing_secret_file.is_some() {
-                bad(
+        let consent = match self.consent {
+            None => None,
+            Some(c) => {
+                let secret = secret_pair(
                     "consent.signing_secret",
-                    "set signing_secret or signing_secret_file, not both".into(),
+                    c.signing_secret,
+                    c.signing_secret_file,
+                    &mut bad,
                 );
-            }
-            if let Some(p) = &c.signing_secret_file {
-                if let Err(e) = read_secret_file(p) {
-                    bad("consent.signing_secret_file", e);
+                match (c.signing_key.filter(|k| !k.trim().is_empty()), secret) {
+                    (Some(signing_key), Some(signing_secret)) => Some(ConsentConfig {
+                        signing_key,
+                        signing_secret,
+                    }),
+                    (None, Some(_)) => {
+                        bad("consent.signing_key", "is missing".into());
+                        None
+                    }
+                    (Some(_), None) => {
+                        bad(
+                            "consent.signing_secret",
+                            "is missing (set signing_secret or signing_secret_file)".into(),
+                        );
+                        None
+                    }
+                    (None, None) => None,
                 }
             }
-        }
+        };
 
         if self.tenants.is_empty() {
             bad(
@@ -591,6 +647,7 @@ impl RawConfig {
             );
         }
         let mut tenants = Vec::with_capacity(self.tenants.len());
+        let mut refresh_tenants = Vec::new();
         for (name, t) in self.tenants {
             let key = |field: &str| format!("tenants.{name}.{field}");
             if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -599,13 +656,6 @@ impl RawConfig {
                     "a tenant name must be non-empty, without spaces".into(),
                 );
             }
-            if t.grant == Grant::RefreshToken {
-                bad(
-                    &key("grant"),
-                    "\"refresh_token\" tenants are not supported by this version yet; use \"client_credentials\"".into(),
-                );
-                continue;
-            }
             let client_id = match t.client_id.filter(|s| !s.trim().is_empty()) {
                 Some(id) => id.trim().to_owned(),
                 None => {
@@ -613,40 +663,56 @@ impl RawConfig {
                     String::new()
                 }
             };
-            let client_secret = match (t.client_secret, t.client_secret_file) {
-                (Some(_), Some(_)) => {
-                    bad(
-                        &key("client_secret"),
-                        "set client_secret or client_secret_file, not both".into(),
-                    );
-                    None
-                }
-                (None, None) => {
-                    bad(
-                        &key("client_secret"),
-                        "is missing (set client_secret or client_secret_file)".into(),
-                    );
-                    None
-                }
-                (Some(s), None) => {
-                    let src = SecretSource::Inline(s);
-                    match src.load() {
-                        Ok(_) => Some(src),
-                        Err(e) => {
-                            bad(&key("client_secret"), e);
-                            None
+            let client_secret = secret_pair(
+                &key("client_secret"),
+                t.client_secret,
+                t.client_secret_file,
+                &mut bad,
+            );
+            if client_secret.is_none() {
+                continue;
+            }
+            let (redirect_uri, seed_refresh_token) = match t.grant {
+                Grant::ClientCredentials => {
+                    for (field, set) in [
+                        ("redirect_uri", t.redirect_uri.is_some()),
+                        ("refresh_token", t.refresh_token.is_some()),
+                        ("refresh_token_file", t.refresh_token_file.is_some()),
+                    ] {
+                        if set {
+                            bad(
+                                &key(field),
+                                "only applies to grant = \"refresh_token\" tenants".into(),
+                            );
                         }
                     }
+                    (None, None)
                 }
-                (None, Some(p)) => {
-                    let src = SecretSource::File(p);
-                    match src.load() {
-                        Ok(_) => Some(src),
-                        Err(e) => {
-                            bad(&key("client_secret_file"), e);
+                Grant::RefreshToken => {
+                    refresh_tenants.push(name.clone());
+                    let redirect_uri = match t.redirect_uri {
+                        None => {
+                            bad(
+                                &key("redirect_uri"),
+                                "is missing (the redirect URI registered for the app; consent and code exchange need it)".into(),
+                            );
                             None
                         }
-                    }
+                        Some(u) => match Url::parse(&u) {
+                            Ok(_) => Some(u),
+                            Err(e) => {
+                                bad(&key("redirect_uri"), format!("{u:?} is not a URL: {e}"));
+                                None
+                            }
+                        },
+                    };
+                    let seed = match (t.refresh_token, t.refresh_token_file) {
+                        (None, None) => None,
+                        (inline, file) => {
+                            secret_pair(&key("refresh_token"), inline, file, &mut bad)
+                        }
+                    };
+                    (redirect_uri, seed)
                 }
             };
             if let Some(client_secret) = client_secret {
@@ -655,7 +721,33 @@ impl RawConfig {
                     grant: t.grant,
                     client_id,
                     client_secret,
+                    redirect_uri,
+                    seed_refresh_token,
                 });
+            }
+        }
+
+        if !refresh_tenants.is_empty() {
+            match &self.store.path {
+                None => bad(
+                    "store.path",
+                    format!(
+                        "is required: tenant(s) {} use grant = \"refresh_token\", whose rotated refresh tokens must survive restarts",
+                        refresh_tenants.join(", ")
+                    ),
+                ),
+                Some(p) => {
+                    let dir = p
+                        .parent()
+                        .filter(|d| !d.as_os_str().is_empty())
+                        .unwrap_or(Path::new("."));
+                    if !dir.is_dir() {
+                        bad(
+                            "store.path",
+                            format!("the folder {} does not exist", dir.display()),
+                        );
+                    }
+                }
             }
         }
 
@@ -690,6 +782,7 @@ impl RawConfig {
             store: StoreConfig {
                 path: self.store.path,
             },
+            consent,
             tenants,
         })
     }

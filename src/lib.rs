@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod proxy;
 pub mod server;
+pub mod store;
 pub mod tenant;
 pub mod token;
 pub mod upstream;

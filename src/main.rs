@@ -2,15 +2,22 @@
 //! validate the configuration before binding anything, run until SIGTERM or
 //! SIGINT, and map failures to exit codes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use criteo_token_proxy::config::{Grant, SecretSource};
+use criteo_token_proxy::oauth::consent;
 use criteo_token_proxy::{Config, Listeners, run};
+use secrecy::ExposeSecret;
 use tracing_subscriber::EnvFilter;
+use url::Url;
 
 /// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
+/// Exit code for a command line that cannot be used (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "A token-refreshing reverse proxy for the Criteo API")]
@@ -31,6 +38,34 @@ struct Cli {
 enum Command {
     /// Validate the configuration and print it with every secret redacted.
     CheckConfig,
+    /// Print a consent URL: for a refresh-token tenant (--tenant), or a
+    /// signed one for a client-credentials app (--state, --redirect-uri).
+    ConsentUrl(ConsentUrlArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ConsentUrlArgs {
+    /// A `grant = "refresh_token"` tenant of the configuration.
+    #[arg(long, conflicts_with_all = ["signing_key", "signing_secret_file", "state", "redirect_uri", "timestamp"])]
+    tenant: Option<String>,
+    /// How long the link's state stays valid (--tenant only).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    valid_for: Duration,
+    /// Public signing key of the app's connector (else `consent.signing_key`).
+    #[arg(long)]
+    signing_key: Option<String>,
+    /// File holding the secret signing key (else `consent.signing_secret(_file)`).
+    #[arg(long, value_name = "PATH")]
+    signing_secret_file: Option<PathBuf>,
+    /// Returned as-is in Criteo's consent callback (e.g. your user's id).
+    #[arg(long)]
+    state: Option<String>,
+    /// Where Criteo sends the person after consent.
+    #[arg(long)]
+    redirect_uri: Option<String>,
+    /// Unix seconds to sign (default: now).
+    #[arg(long)]
+    timestamp: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -41,15 +76,18 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("criteo-token-proxy: invalid configuration:");
-            for p in &e.problems {
-                eprintln!("  {p}");
+    if let Some(Command::ConsentUrl(args)) = &cli.command {
+        return match consent_url(cli.config.as_deref(), args) {
+            Ok(url) => {
+                println!("{url}");
+                ExitCode::SUCCESS
             }
-            return ExitCode::from(EXIT_CONFIG);
-        }
+            Err(code) => code,
+        };
+    }
+    let config = match load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     if let Some(Command::CheckConfig) = cli.command {
         print!("{}", config.redacted_toml());
@@ -83,6 +121,95 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+fn load(path: Option<&Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("criteo-token-proxy: invalid configuration:");
+        for p in &e.problems {
+            eprintln!("  {p}");
+        }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("criteo-token-proxy consent-url: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// The `consent-url` command.
+fn consent_url(config_path: Option<&Path>, args: &ConsentUrlArgs) -> Result<String, ExitCode> {
+    let config = match config_path {
+        Some(p) => Some(load(Some(p))?),
+        None => None,
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if let Some(name) = &args.tenant {
+        let Some(config) = config else {
+            return Err(usage("--tenant needs --config"));
+        };
+        let Some(t) = config.tenants.iter().find(|t| &t.name == name) else {
+            return Err(usage(&format!("tenant {name:?} is not configured")));
+        };
+        if t.grant != Grant::RefreshToken {
+            return Err(usage(&format!(
+                "tenant {name:?} uses client credentials; it needs no consent URL (see --signing-key for programmatic consent)"
+            )));
+        }
+        let key = t
+            .client_secret
+            .load()
+            .map_err(|e| usage(&format!("tenants.{name}.client_secret: {e}")))?;
+        let state = consent::issue_state(key.expose_secret().as_bytes(), name, now, args.valid_for);
+        let url = consent::authorize_url(
+            &config.upstream.consent_url,
+            &t.client_id,
+            t.redirect_uri.as_deref().unwrap_or_default(),
+            &state,
+        );
+        return Ok(url.to_string());
+    }
+
+    let (Some(state), Some(redirect_uri)) = (&args.state, &args.redirect_uri) else {
+        return Err(usage(
+            "give --tenant NAME (authorization-code tenant), or --state and --redirect-uri (signed URL for a client-credentials app)",
+        ));
+    };
+    let from_config = config.as_ref().and_then(|c| c.consent.as_ref());
+    let Some(key) = args
+        .signing_key
+        .clone()
+        .or_else(|| from_config.map(|c| c.signing_key.clone()))
+    else {
+        return Err(usage(
+            "no signing key: give --signing-key or set consent.signing_key",
+        ));
+    };
+    let secret = match (&args.signing_secret_file, from_config) {
+        (Some(p), _) => SecretSource::File(p.clone()).load(),
+        (None, Some(c)) => c.signing_secret.load(),
+        (None, None) => {
+            return Err(usage(
+                "no signing secret: give --signing-secret-file or set consent.signing_secret_file",
+            ));
+        }
+    }
+    .map_err(|e| usage(&format!("signing secret: {e}")))?;
+    let base = config.as_ref().map_or_else(
+        || Url::parse("https://consent.criteo.com/request").expect("valid URL"),
+        |c| c.upstream.consent_url.clone(),
+    );
+    Ok(consent::signed_consent_url(
+        &base,
+        &key,
+        secret.expose_secret().as_bytes(),
+        args.timestamp.unwrap_or(now),
+        state,
+        redirect_uri,
+    ))
 }
 
 fn init_tracing(format: LogFormat) {

@@ -16,6 +16,8 @@ pub struct Metrics {
     refreshes: IntCounterVec,
     retries: IntCounterVec,
     expiry: prometheus::GaugeVec,
+    consent_required: IntCounterVec,
+    consent_callbacks: IntCounterVec,
 }
 
 /// The statuses whose counters are resolved once per tenant.
@@ -31,6 +33,8 @@ pub enum RefreshOutcome {
     Rejected,
     /// Network error, timeout, 5xx, unreadable answer.
     Error,
+    /// A refresh-token tenant needs a new consent.
+    ConsentRequired,
 }
 
 impl RefreshOutcome {
@@ -39,6 +43,7 @@ impl RefreshOutcome {
             RefreshOutcome::Success => "success",
             RefreshOutcome::Rejected => "rejected",
             RefreshOutcome::Error => "error",
+            RefreshOutcome::ConsentRequired => "consent_required",
         }
     }
 }
@@ -88,8 +93,26 @@ impl Metrics {
             &["tenant"],
         )
         .expect("valid metric");
+        let consent_required = IntCounterVec::new(
+            Opts::new(
+                "criteo_proxy_consent_required_total",
+                "Times a refresh-token tenant lost its consent and needs a person to consent again.",
+            ),
+            &["tenant"],
+        )
+        .expect("valid metric");
+        let consent_callbacks = IntCounterVec::new(
+            Opts::new(
+                "criteo_proxy_consent_callbacks_total",
+                "Consent callbacks from Criteo with a valid signature, by type.",
+            ),
+            &["type"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consent_required.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consent_callbacks.clone()),
+            Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(refreshes.clone()),
             Box::new(retries.clone()),
@@ -104,7 +127,18 @@ impl Metrics {
             refreshes,
             retries,
             expiry,
+            consent_required,
+            consent_callbacks,
         }
+    }
+
+    /// A signed consent callback was accepted.
+    pub fn consent_callback(&self, kind: &str) {
+        let kind = match kind {
+            "ConsentGranted" | "ConsentDenied" => kind,
+            _ => "other",
+        };
+        self.consent_callbacks.with_label_values(&[kind]).inc();
     }
 
     /// Handles for one tenant, resolved once.
@@ -120,6 +154,7 @@ impl Metrics {
             retries: self.retries.with_label_values(&[name]),
             refreshes: self.refreshes.clone(),
             expiry: self.expiry.with_label_values(&[name]),
+            consent_required: self.consent_required.with_label_values(&[name]),
         }
     }
 
@@ -148,6 +183,7 @@ pub struct TenantMetrics {
     retries: IntCounter,
     refreshes: IntCounterVec,
     expiry: prometheus::Gauge,
+    consent_required: IntCounter,
 }
 
 impl TenantMetrics {
@@ -171,6 +207,10 @@ impl TenantMetrics {
         self.refreshes
             .with_label_values(&[&self.name, outcome.label()])
             .inc();
+    }
+
+    pub fn consent_required(&self) {
+        self.consent_required.inc();
     }
 
     pub fn set_expiry(&self, seconds: f64) {

@@ -17,14 +17,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::admin::Admin;
-use crate::config::{Config, RefreshConfig};
+use std::collections::HashMap;
+
+use crate::admin::{Admin, Onboarding};
+use crate::config::{Config, Grant, RefreshConfig};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::oauth::TokenEndpoint;
 use crate::proxy::Proxy;
+use crate::store::{StoreError, TokenStore};
 use crate::tenant::Tenants;
-use crate::token::{TokenSource, refresher};
+use crate::token::{RefreshGrant, TokenSource, refresher};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// The two sockets the proxy serves, bound by the caller (tests bind
@@ -64,6 +67,8 @@ pub enum StartError {
     Upstream(#[from] UpstreamError),
     #[error("upstream.token_url: cannot build the HTTP client: {0}")]
     TokenClient(#[from] reqwest::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A built proxy, ready to serve.
@@ -99,22 +104,45 @@ impl App {
             config.refresh.token_timeout,
             config.upstream.extra_roots.as_ref(),
         )?;
-        let sources = config
+        let needs_store = config
             .tenants
             .iter()
-            .map(|t| TokenSource::ClientCredentials {
-                endpoint: endpoint.clone(),
-                client_id: t.client_id.clone(),
-                client_secret: t.client_secret.clone(),
-            })
-            .collect();
+            .any(|t| t.grant == Grant::RefreshToken);
+        let store = match &config.store.path {
+            Some(path) if needs_store => Some(Arc::new(TokenStore::open(path)?)),
+            _ => None,
+        };
+        let mut grants = HashMap::new();
+        let mut sources = Vec::with_capacity(config.tenants.len());
+        for t in &config.tenants {
+            sources.push(match (t.grant, &store) {
+                (Grant::RefreshToken, Some(store)) => {
+                    let grant = Arc::new(RefreshGrant::new(t, endpoint.clone(), Arc::clone(store)));
+                    grants.insert(t.name.clone(), Arc::clone(&grant));
+                    TokenSource::RefreshToken(grant)
+                }
+                _ => TokenSource::ClientCredentials {
+                    endpoint: endpoint.clone(),
+                    client_id: t.client_id.clone(),
+                    client_secret: t.client_secret.clone(),
+                },
+            });
+        }
         let proxy = Arc::new(Proxy::new(
             &config,
             Arc::clone(&tenants),
             upstream,
             metrics.clone(),
         ));
-        let admin = Arc::new(Admin::new(Arc::clone(&tenants), metrics));
+        let onboarding = Onboarding::new(
+            Arc::clone(&tenants),
+            grants,
+            config.upstream.consent_url.clone(),
+            config.consent.clone(),
+            config.refresh.at_fraction,
+            metrics.clone(),
+        );
+        let admin = Arc::new(Admin::new(Arc::clone(&tenants), metrics, onboarding));
         Ok(Self {
             proxy,
             admin,

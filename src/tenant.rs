@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use crate::config::{Config, Grant};
 use crate::metrics::{Metrics, TenantMetrics};
@@ -14,6 +15,8 @@ pub struct Tenant {
     pub grant: Grant,
     pub tokens: TokenCell,
     pub metrics: TenantMetrics,
+    /// Set once the first upstream 403 has been logged.
+    pub warned_forbidden: AtomicBool,
 }
 
 /// Every configured tenant, by name, plus the default.
@@ -36,6 +39,7 @@ impl Tenants {
                     grant: t.grant,
                     tokens: TokenCell::default(),
                     metrics: metrics.tenant(&t.name),
+                    warned_forbidden: AtomicBool::new(false),
                 })
             })
             .collect();

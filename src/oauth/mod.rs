@@ -1,6 +1,8 @@
 //! Calls to Criteo's token endpoint (reqwest). Only the background
 //! refresher calls these; the request path never waits on them directly.
 
+pub mod consent;
+
 use std::time::Duration;
 
 use http::StatusCode;
@@ -44,6 +46,10 @@ pub enum GrantError {
     /// new consent helps.
     #[error("the token endpoint rejected the grant (invalid_grant){}", describe(.description))]
     InvalidGrant { description: Option<String> },
+    /// A refresh-token tenant has no usable refresh token: a person must
+    /// consent again. Nothing is sent to the token endpoint.
+    #[error("{0}")]
+    ConsentRequired(String),
     /// Network trouble, a timeout, a 5xx or 429, or an unreadable answer.
     #[error("token request failed: {0}")]
     Transient(String),
@@ -133,6 +139,25 @@ impl TokenEndpoint {
         self.post(&[
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose_secret()),
+            ("client_id", client_id),
+            ("client_secret", client_secret.expose_secret()),
+        ])
+        .await
+    }
+
+    /// `grant_type=authorization_code`: trades a consent's code (valid 30 s,
+    /// once) for an access token and a first refresh token.
+    pub async fn authorization_code(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        code: &str,
+        redirect_uri: &str,
+    ) -> Result<Granted, GrantError> {
+        self.post(&[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect_uri),
             ("client_id", client_id),
             ("client_secret", client_secret.expose_secret()),
         ])

@@ -5,6 +5,7 @@ mod body;
 pub mod headers;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -137,7 +138,7 @@ impl Proxy {
         let bytes = match body {
             Prepared::Streaming(body) => {
                 let req = outgoing(parts.method, uri, parts.headers, &token, body);
-                return Ok(self.send(req).await?.map(Either::Left));
+                return Ok(self.send(tenant, req).await?.map(Either::Left));
             }
             Prepared::Replayable(bytes) => bytes,
         };
@@ -149,7 +150,7 @@ impl Proxy {
             &token,
             OutBody::full(bytes.clone()),
         );
-        let resp = self.send(first).await?;
+        let resp = self.send(tenant, first).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp.map(Either::Left));
         }
@@ -176,16 +177,35 @@ impl Proxy {
             &fresh,
             OutBody::full(bytes),
         );
-        Ok(self.send(second).await?.map(Either::Left))
+        Ok(self.send(tenant, second).await?.map(Either::Left))
     }
 
-    async fn send(&self, req: Request<OutBody>) -> Result<Response<Incoming>, ProxyError> {
+    /// A 403 is not cured by a new token (an administrator may have revoked
+    /// the app): pass it through, never retry, and say so once per tenant.
+    fn forbidden(&self, tenant: &Tenant) {
+        if !tenant.warned_forbidden.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                tenant = &*tenant.name,
+                "Criteo answered 403: if an account administrator revoked this app's access, \
+                 a new token will not help; 403s are passed through and not retried (logged once)"
+            );
+        }
+    }
+
+    async fn send(
+        &self,
+        tenant: &Tenant,
+        req: Request<OutBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let timeout = self.upstream.timeout();
         match tokio::time::timeout(timeout, self.upstream.client().request(req)).await {
             Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
             Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
             Ok(Ok(mut resp)) => {
                 headers::sanitize_response(resp.headers_mut());
+                if resp.status() == StatusCode::FORBIDDEN {
+                    self.forbidden(tenant);
+                }
                 Ok(resp)
             }
         }

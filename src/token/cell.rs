@@ -68,6 +68,8 @@ pub struct TokenCell {
     generation: AtomicU64,
     /// Wakes the refresher when a request needs a token now.
     demand: Notify,
+    /// Tells the refresher a token was installed from outside (onboarding).
+    installed: Notify,
     /// Bumped by the refresher after every attempt, good or bad.
     attempts: watch::Sender<()>,
 }
@@ -86,6 +88,7 @@ impl Default for TokenCell {
             retired_upto: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             demand: Notify::new(),
+            installed: Notify::new(),
             attempts: watch::Sender::new(()),
         }
     }
@@ -123,6 +126,16 @@ impl TokenCell {
             }
             if !self.fetching.load(Ordering::Acquire) {
                 let health = self.health.load();
+                if health.state == State::ConsentRequired {
+                    return Err(Unavailable {
+                        state: health.state,
+                        reason: health
+                            .last_error
+                            .clone()
+                            .unwrap_or_else(|| "a new consent is required".into()),
+                        retry_after: Duration::from_secs(60),
+                    });
+                }
                 if let Some(retry_at) = health.retry_at {
                     let now = Instant::now();
                     if retry_at > now {
@@ -180,6 +193,24 @@ impl TokenCell {
 
     pub fn current(&self) -> Option<Arc<Token>> {
         self.current.load_full()
+    }
+
+    /// Puts a token obtained outside the refresher (onboarding) in place,
+    /// and has the refresher schedule its renewal.
+    pub fn install(&self, token: Token) {
+        self.publish(token);
+        self.set_health(Health {
+            state: State::Ready,
+            last_refresh: Some(SystemTime::now()),
+            last_error: None,
+            retry_at: None,
+        });
+        self.installed.notify_one();
+        self.attempt_done();
+    }
+
+    pub(crate) async fn installed(&self) {
+        self.installed.notified().await
     }
 
     /// Waits until a request asks for a token.

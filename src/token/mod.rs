@@ -3,6 +3,7 @@
 //! it filled, and the [`TokenSource`] that knows how to ask for a token.
 
 mod cell;
+mod refresh_grant;
 pub mod refresher;
 mod source;
 
@@ -15,6 +16,7 @@ use rand::Rng;
 use secrecy::ExposeSecret;
 
 pub use cell::{Health, State, TokenCell, Unavailable};
+pub use refresh_grant::RefreshGrant;
 pub use source::TokenSource;
 
 use crate::oauth::Granted;

@@ -25,6 +25,9 @@ use crate::tenant::Tenant;
 /// token request.
 const MIN_DEMAND_INTERVAL: Duration = Duration::from_millis(500);
 
+/// "Until something else wakes the refresher" (about a year).
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// First pause after a transient failure; doubles up to `max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -43,6 +46,14 @@ pub async fn run(
         let demanded = tokio::select! {
             _ = sleep_until(next.into()) => false,
             _ = cell.demanded() => true,
+            _ = cell.installed() => {
+                // Onboarding put a fresh token in place: renew that one.
+                failures = 0;
+                if let Some(t) = cell.current() {
+                    next = t.refresh_at();
+                }
+                continue;
+            }
             _ = stop.changed() => return,
         };
         if demanded {
@@ -111,10 +122,22 @@ pub async fn run(
                         cfg.rejected_backoff,
                         RefreshOutcome::Rejected,
                     ),
+                    // Nothing to present until a person consents again:
+                    // sleep until onboarding installs a token.
+                    GrantError::ConsentRequired(_) => (
+                        State::ConsentRequired,
+                        NEVER,
+                        RefreshOutcome::ConsentRequired,
+                    ),
                 };
                 next = Instant::now() + pause;
                 let still_serving = cell.usable().is_some();
-                if state == State::Rejected {
+                if state == State::ConsentRequired {
+                    if previous.state != State::ConsentRequired {
+                        tenant.metrics.consent_required();
+                    }
+                    tracing::error!(tenant = name, "{err}");
+                } else if state == State::Rejected {
                     tracing::error!(
                         tenant = name,
                         error = %err,
@@ -135,7 +158,7 @@ pub async fn run(
                     state,
                     last_refresh: previous.last_refresh,
                     last_error: Some(err.to_string()),
-                    retry_at: Some(next),
+                    retry_at: (state != State::ConsentRequired).then_some(next),
                 });
                 tenant.metrics.refresh(outcome);
             }

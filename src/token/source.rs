@@ -1,6 +1,9 @@
 //! Where a tenant's tokens come from. One variant per grant; the refresher
 //! does not care which.
 
+use std::sync::Arc;
+
+use super::RefreshGrant;
 use crate::config::SecretSource;
 use crate::oauth::{GrantError, Granted, TokenEndpoint};
 
@@ -12,6 +15,8 @@ pub enum TokenSource {
         client_id: String,
         client_secret: SecretSource,
     },
+    /// `grant_type=refresh_token`: an advertiser's consent, rotating.
+    RefreshToken(Arc<RefreshGrant>),
 }
 
 impl TokenSource {
@@ -29,6 +34,7 @@ impl TokenSource {
                     .map_err(|e| GrantError::Transient(format!("client secret: {e}")))?;
                 endpoint.client_credentials(client_id, &secret).await
             }
+            TokenSource::RefreshToken(grant) => grant.fetch().await,
         }
     }
 }

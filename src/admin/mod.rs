@@ -1,5 +1,7 @@
-//! The admin listener: liveness, readiness, metrics and the tenant list.
-//! Nothing here ever shows a secret or a token.
+//! The admin listener: liveness, readiness, metrics, the tenant list and
+//! consent onboarding. Nothing here ever shows a secret or a token.
+
+pub mod onboarding;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,25 +10,32 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use crate::error::json_response;
 use crate::metrics::Metrics;
 use crate::tenant::{Tenant, Tenants};
+pub use onboarding::Onboarding;
+
+/// Largest consent callback body read.
+const MAX_CALLBACK_BODY: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct Admin {
     tenants: Arc<Tenants>,
     metrics: Metrics,
+    onboarding: Onboarding,
     shutting_down: AtomicBool,
 }
 
 impl Admin {
-    pub fn new(tenants: Arc<Tenants>, metrics: Metrics) -> Self {
+    pub fn new(tenants: Arc<Tenants>, metrics: Metrics, onboarding: Onboarding) -> Self {
         Self {
             tenants,
             metrics,
+            onboarding,
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -43,27 +52,53 @@ impl Admin {
             && self.tenants.iter().all(|t| t.tokens.usable().is_some())
     }
 
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
-        let path = req.uri().path();
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return json_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &json!({"error": "method_not_allowed", "message": format!("{path} answers GET")}),
-            );
-        }
-        match path {
-            "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
-            "/readyz" => self.readyz(),
-            "/metrics" => self.metrics(),
-            "/tenants" => json_response(
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let query = req.uri().query().map(str::to_owned);
+        let query = query.as_deref();
+        match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/healthz") => {
+                json_response(StatusCode::OK, &json!({"status": "ok"}))
+            }
+            (&Method::GET | &Method::HEAD, "/readyz") => self.readyz(),
+            (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
+            (&Method::GET | &Method::HEAD, "/tenants") => json_response(
                 StatusCode::OK,
                 &json!({"tenants": self.tenants.iter().map(|t| describe(t)).collect::<Vec<_>>()}),
+            ),
+            (&Method::GET, "/oauth/authorize") => self.onboarding.authorize(query),
+            (&Method::GET, "/oauth/callback") => self.onboarding.callback(query).await,
+            (&Method::POST, "/consent/callback") => {
+                let signature = req
+                    .headers()
+                    .get(onboarding::SIGNATURE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                match Limited::new(req.into_body(), MAX_CALLBACK_BODY)
+                    .collect()
+                    .await
+                {
+                    Ok(body) => self
+                        .onboarding
+                        .consent_callback(signature.as_deref(), &body.to_bytes()),
+                    Err(_) => json_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &json!({"error": "body_too_large", "message": "consent callbacks are small"}),
+                    ),
+                }
+            }
+            (
+                _,
+                path @ ("/healthz" | "/readyz" | "/metrics" | "/tenants" | "/oauth/authorize"
+                | "/oauth/callback" | "/consent/callback"),
+            ) => json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method_not_allowed", "message": format!("{path} does not answer {}", req.method())}),
             ),
             _ => json_response(
                 StatusCode::NOT_FOUND,
                 &json!({
                     "error": "not_found",
-                    "message": "admin paths: /healthz /readyz /metrics /tenants",
+                    "message": "admin paths: /healthz /readyz /metrics /tenants /oauth/authorize /oauth/callback /consent/callback",
                 }),
             ),
         }

@@ -1,0 +1,348 @@
+//! Consent onboarding on the admin listener:
+//!
+//! - `GET /oauth/authorize?tenant=NAME` redirects a person to Criteo's
+//!   consent page with a fresh, signed, single-use `state` bound to the
+//!   tenant and valid ten minutes;
+//! - `GET /oauth/callback?code=…&state=…` (where the tenant's `redirect_uri`
+//!   leads) checks the state, exchanges the code, saves the refresh token
+//!   and puts the access token in service at once;
+//! - `POST /consent/callback` takes Criteo's signed consent-delegation
+//!   callback for client-credentials apps.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, LOCATION};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use secrecy::ExposeSecret;
+use serde_json::json;
+use url::Url;
+
+use crate::config::ConsentConfig;
+use crate::error::json_response;
+use crate::metrics::Metrics;
+use crate::oauth::consent::{self, STATE_TTL, StateError};
+use crate::tenant::Tenants;
+use crate::token::{RefreshGrant, Token};
+
+/// Header in which Criteo signs its consent callbacks.
+pub const SIGNATURE_HEADER: &str = "x-criteo-hmac-sha512";
+
+#[derive(Debug)]
+pub struct Onboarding {
+    tenants: Arc<Tenants>,
+    grants: HashMap<String, Arc<RefreshGrant>>,
+    consent_url: Url,
+    consent: Option<ConsentConfig>,
+    at_fraction: f64,
+    metrics: Metrics,
+    /// Nonces of states already presented, until they would expire anyway.
+    used: Mutex<HashMap<String, u64>>,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Onboarding {
+    pub fn new(
+        tenants: Arc<Tenants>,
+        grants: HashMap<String, Arc<RefreshGrant>>,
+        consent_url: Url,
+        consent: Option<ConsentConfig>,
+        at_fraction: f64,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            tenants,
+            grants,
+            consent_url,
+            consent,
+            at_fraction,
+            metrics,
+            used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `GET /oauth/authorize?tenant=NAME`.
+    pub fn authorize(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+        let tenant = param(query, "tenant");
+        let Some(tenant) = tenant else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "missing_tenant",
+                "add ?tenant=NAME",
+                None,
+            );
+        };
+        let Some(grant) = self.grants.get(&tenant) else {
+            let known = self.tenants.choose(Some(&tenant)).is_some();
+            let msg = if known {
+                "this tenant uses client credentials: it needs no consent onboarding"
+            } else {
+                "no such tenant"
+            };
+            return error(
+                StatusCode::BAD_REQUEST,
+                "unknown_tenant",
+                msg,
+                Some(&tenant),
+            );
+        };
+        let key = match grant.state_key() {
+            Ok(k) => k,
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "client_secret_unreadable",
+                    &e,
+                    Some(&tenant),
+                );
+            }
+        };
+        let state = consent::issue_state(
+            key.expose_secret().as_bytes(),
+            &tenant,
+            unix_now(),
+            STATE_TTL,
+        );
+        let url = consent::authorize_url(
+            &self.consent_url,
+            grant.client_id(),
+            grant.redirect_uri(),
+            &state,
+        );
+        tracing::info!(tenant, "consent onboarding started");
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::FOUND;
+        if let Ok(v) = HeaderValue::from_str(url.as_str()) {
+            resp.headers_mut().insert(LOCATION, v);
+        }
+        resp.headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+
+    /// `GET /oauth/callback?code=…&state=…` (or `?error=…&state=…`).
+    pub async fn callback(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+        let Some(state) = param(query, "state") else {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Consent failed",
+                "The callback carries no state. Start again from /oauth/authorize?tenant=NAME.",
+            );
+        };
+        let (tenant, grant) = match self.check_state(&state) {
+            Ok(found) => found,
+            Err(why) => {
+                tracing::warn!(reason = %why, "consent callback refused");
+                return page(
+                    StatusCode::BAD_REQUEST,
+                    "Consent failed",
+                    &format!(
+                        "{why}. No code was exchanged. Start again from /oauth/authorize?tenant=NAME."
+                    ),
+                );
+            }
+        };
+        if let Some(err) = param(query, "error") {
+            let detail = param(query, "error_description").unwrap_or_default();
+            tracing::warn!(tenant, error = err, "consent was not given");
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Consent was not given",
+                &format!(
+                    "Criteo answered {err} for tenant {tenant}. {detail} Nothing was changed; \
+                     the tenant stays as it was. To try again, open /oauth/authorize?tenant={tenant}."
+                ),
+            );
+        }
+        let Some(code) = param(query, "code") else {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Consent failed",
+                "The callback carries no code.",
+            );
+        };
+        let Some(t) = self.tenants.choose(Some(&tenant)) else {
+            return page(StatusCode::BAD_REQUEST, "Consent failed", "No such tenant.");
+        };
+        let requested_at = Instant::now();
+        // The code is valid 30 s: the token endpoint timeout is well below.
+        match grant.exchange_code(&code).await {
+            Ok(granted) => {
+                match Token::new(
+                    &granted,
+                    requested_at,
+                    self.at_fraction,
+                    t.tokens.next_generation(),
+                ) {
+                    Ok(token) => t.tokens.install(token),
+                    Err(_) => {
+                        return page(
+                            StatusCode::BAD_GATEWAY,
+                            "Consent failed",
+                            "The token endpoint answered an unusable access token.",
+                        );
+                    }
+                }
+                tracing::info!(tenant, "consent onboarding complete; the tenant is serving");
+                page(
+                    StatusCode::OK,
+                    "Connected",
+                    &format!("Tenant {tenant} is connected and serving. You can close this page."),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(tenant, error = %e, "code exchange failed");
+                page(
+                    StatusCode::BAD_GATEWAY,
+                    "Consent failed",
+                    &format!(
+                        "Exchanging the code failed: {e}. Start again from /oauth/authorize?tenant={tenant}."
+                    ),
+                )
+            }
+        }
+    }
+
+    /// The state's tenant and grant, once its MAC (constant time), expiry
+    /// and single use are checked.
+    fn check_state(&self, state: &str) -> Result<(String, Arc<RefreshGrant>), String> {
+        // The tenant is read before the MAC is checked only to find the key.
+        let tenant = state
+            .split('.')
+            .next()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| StateError::Malformed.to_string())?;
+        let grant = self
+            .grants
+            .get(&tenant)
+            .ok_or_else(|| StateError::Forged.to_string())?;
+        let key = grant.state_key()?;
+        let now = unix_now();
+        let claims = consent::verify_state(key.expose_secret().as_bytes(), state, now)
+            .map_err(|e| e.to_string())?;
+        if claims.tenant != tenant {
+            return Err(StateError::WrongTenant.to_string());
+        }
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.retain(|_, exp| *exp > now);
+        if used.insert(claims.nonce, claims.expires_at).is_some() {
+            return Err("the state was already used".into());
+        }
+        Ok((tenant, Arc::clone(grant)))
+    }
+
+    /// `POST /consent/callback`: Criteo's consent-delegation callback.
+    pub fn consent_callback(&self, signature: Option<&str>, body: &[u8]) -> Response<Full<Bytes>> {
+        let Some(consent) = &self.consent else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "consent_not_configured",
+                "set [consent] signing_key and signing_secret(_file) to accept consent callbacks",
+                None,
+            );
+        };
+        let Ok(secret) = consent.signing_secret.load() else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "signing_secret_unreadable",
+                "the consent signing secret cannot be read",
+                None,
+            );
+        };
+        let valid = signature.is_some_and(|sig| {
+            consent::verify_callback(secret.expose_secret().as_bytes(), body, sig)
+        });
+        if !valid {
+            // Nothing from an unauthenticated body is logged.
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_signature",
+                "x-criteo-hmac-sha512 does not match the body",
+                None,
+            );
+        }
+        let event: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let field = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| event.get(*n))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let kind = field(&["Type", "type"]);
+        let kind = kind.as_str().unwrap_or("unknown");
+        let state = field(&["State", "state"]);
+        let scopes = field(&["AcceptedScopes", "acceptedScopes", "accepted_scopes"]);
+        self.metrics.consent_callback(kind);
+        tracing::info!(
+            event = kind,
+            state = state.as_str().unwrap_or(""),
+            accepted_scopes = %scopes,
+            "consent callback"
+        );
+        json_response(StatusCode::OK, &json!({"received": kind}))
+    }
+}
+
+fn param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    tenant: Option<&str>,
+) -> Response<Full<Bytes>> {
+    json_response(
+        status,
+        &json!({"error": code, "message": message, "tenant": tenant}),
+    )
+}
+
+/// A small HTML page for a person in a browser.
+fn page(status: StatusCode, title: &str, text: &str) -> Response<Full<Bytes>> {
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head>\
+         <body style=\"font-family:sans-serif;max-width:40em;margin:3em auto\">\
+         <h1>{t}</h1><p>{x}</p><p><small>criteo-token-proxy</small></p></body></html>\n",
+        t = escape(title),
+        x = escape(text)
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(html)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

@@ -1,0 +1,211 @@
+//! A refresh-token tenant: an advertiser's consent, carried by a refresh
+//! token that rotates on every use. Losing the newest one loses the tenant,
+//! so every new refresh token is on disk (the [`TokenStore`]) before the
+//! access token that came with it is used, and every use of the refresh
+//! token (renewal, onboarding) is serialised behind one lock.
+
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+use tokio::sync::Mutex;
+
+use crate::config::{SecretSource, TenantConfig};
+use crate::oauth::{GrantError, Granted, TokenEndpoint};
+use crate::store::TokenStore;
+
+#[derive(Debug)]
+pub struct RefreshGrant {
+    tenant: Arc<str>,
+    endpoint: TokenEndpoint,
+    client_id: String,
+    client_secret: SecretSource,
+    redirect_uri: String,
+    store: Arc<TokenStore>,
+    seed: Option<SecretSource>,
+    chain: Mutex<Chain>,
+}
+
+/// The refresh token in hand, and what is known about it.
+#[derive(Debug)]
+struct Chain {
+    current: Option<SecretString>,
+    /// The config seed has been presented (or found spent) already.
+    seed_tried: bool,
+    /// `current` came from the token endpoint but is not on disk yet.
+    unsaved: bool,
+}
+
+impl RefreshGrant {
+    /// Chooses the starting refresh token: the store's, unless Criteo has
+    /// refused it; then the config seed, unless it is that same refused
+    /// token; else none (consent required).
+    pub fn new(config: &TenantConfig, endpoint: TokenEndpoint, store: Arc<TokenStore>) -> Self {
+        let tenant: Arc<str> = config.name.as_str().into();
+        let stored = store.get(&tenant);
+        let seed = config
+            .seed_refresh_token
+            .as_ref()
+            .and_then(|s| s.load().ok());
+        let (current, seed_tried) = match (&stored, seed) {
+            (Some(s), _) if !s.rejected => (Some(s.refresh_token.clone()), false),
+            (Some(s), Some(seed)) if !same(&s.refresh_token, &seed) => (Some(seed), true),
+            (Some(_), _) => (None, true),
+            (None, Some(seed)) => (Some(seed), true),
+            (None, None) => (None, false),
+        };
+        Self {
+            tenant,
+            endpoint,
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+            redirect_uri: config.redirect_uri.clone().unwrap_or_default(),
+            store,
+            seed: config.seed_refresh_token.clone(),
+            chain: Mutex::new(Chain {
+                current,
+                seed_tried,
+                unsaved: false,
+            }),
+        }
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    pub fn redirect_uri(&self) -> &str {
+        &self.redirect_uri
+    }
+
+    /// The key that signs this tenant's onboarding `state`s: its client
+    /// secret, which the `consent-url` command also knows.
+    pub fn state_key(&self) -> Result<SecretString, String> {
+        self.client_secret.load()
+    }
+
+    fn secret(&self) -> Result<SecretString, GrantError> {
+        self.client_secret
+            .load()
+            .map_err(|e| GrantError::Transient(format!("client secret: {e}")))
+    }
+
+    fn consent_hint(&self, why: &str) -> GrantError {
+        GrantError::ConsentRequired(format!(
+            "tenant {} needs a new consent ({why}): open /oauth/authorize?tenant={} on the admin listener, \
+             or run `criteo-token-proxy consent-url --tenant {}` and send the link to the advertiser",
+            self.tenant, self.tenant, self.tenant
+        ))
+    }
+
+    /// `grant_type=refresh_token`, rotating and saving the refresh token.
+    pub async fn fetch(&self) -> Result<Granted, GrantError> {
+        let mut chain = self.chain.lock().await;
+        if chain.unsaved {
+            self.save(&mut chain).await?;
+        }
+        loop {
+            let Some(refresh_token) = chain.current.clone() else {
+                return Err(self.consent_hint("no refresh token is stored or configured"));
+            };
+            let secret = self.secret()?;
+            match self
+                .endpoint
+                .refresh_token(&self.client_id, &secret, &refresh_token)
+                .await
+            {
+                Ok(granted) => {
+                    if let Some(next) = &granted.refresh_token {
+                        // The old token is spent the moment this answer
+                        // exists: from here on only `next` is worth anything.
+                        chain.current = Some(next.clone());
+                        chain.unsaved = true;
+                        self.save(&mut chain).await?;
+                    }
+                    return Ok(granted);
+                }
+                Err(GrantError::InvalidGrant { description }) => {
+                    tracing::warn!(
+                        tenant = &*self.tenant,
+                        reason = description.as_deref().unwrap_or("invalid_grant"),
+                        "the token endpoint refused the refresh token"
+                    );
+                    if let Err(e) = self.store.put(&self.tenant, &refresh_token, true).await {
+                        tracing::warn!(tenant = &*self.tenant, error = %e, "cannot record the refused refresh token");
+                    }
+                    chain.current = None;
+                    if !chain.seed_tried {
+                        chain.seed_tried = true;
+                        if let Some(seed) = self.seed.as_ref().and_then(|s| s.load().ok()) {
+                            if !same(&seed, &refresh_token) {
+                                tracing::info!(
+                                    tenant = &*self.tenant,
+                                    "trying the configured refresh_token seed once"
+                                );
+                                chain.current = Some(seed);
+                                continue;
+                            }
+                        }
+                    }
+                    return Err(self.consent_hint(
+                        "the refresh token was refused: consent revoked or expired",
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Onboarding: trades a consent's code for the first tokens, saves the
+    /// refresh token, and makes it the one renewals use.
+    pub async fn exchange_code(&self, code: &str) -> Result<Granted, GrantError> {
+        let mut chain = self.chain.lock().await;
+        let secret = self.secret()?;
+        let granted = self
+            .endpoint
+            .authorization_code(&self.client_id, &secret, code, &self.redirect_uri)
+            .await?;
+        let Some(refresh_token) = &granted.refresh_token else {
+            return Err(GrantError::Transient(
+                "the token endpoint answered the code without a refresh_token".into(),
+            ));
+        };
+        chain.current = Some(refresh_token.clone());
+        chain.unsaved = true;
+        chain.seed_tried = true;
+        self.save(&mut chain).await?;
+        Ok(granted)
+    }
+
+    async fn save(&self, chain: &mut Chain) -> Result<(), GrantError> {
+        let Some(token) = &chain.current else {
+            return Ok(());
+        };
+        match self.store.put(&self.tenant, token, false).await {
+            Ok(()) => {
+                chain.unsaved = false;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(
+                    tenant = &*self.tenant,
+                    path = %self.store.path().display(),
+                    error = %e,
+                    "cannot save the rotated refresh token; it is kept in memory and the access token is not used until it is saved"
+                );
+                Err(GrantError::Transient(format!(
+                    "cannot save the rotated refresh token to {}: {e}",
+                    self.store.path().display()
+                )))
+            }
+        }
+    }
+}
+
+/// Constant-time equality of two secrets.
+fn same(a: &SecretString, b: &SecretString) -> bool {
+    a.expose_secret()
+        .as_bytes()
+        .ct_eq(b.expose_secret().as_bytes())
+        .into()
+}
