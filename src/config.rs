@@ -534,13 +534,13 @@ impl RawConfig {
                 HeaderName::from_static("x-criteo-tenant")
             }
         };
-        if let Some(d) = &self.server.default_tenant {
-            if !self.tenants.contains_key(d) {
-                bad(
-                    "server.default_tenant",
-                    format!("names {d:?}, which is not a configured tenant"),
-                );
-            }
+        if let Some(d) = &self.server.default_tenant
+            && !self.tenants.contains_key(d)
+        {
+            bad(
+                "server.default_tenant",
+                format!("names {d:?}, which is not a configured tenant"),
+            );
         }
         let max_replay_body =
             usize::try_from(self.server.max_replay_body.as_u64()).unwrap_or(usize::MAX);
@@ -574,10 +574,10 @@ impl RawConfig {
         let upstream_url = url("upstream.url", &self.upstream.url);
         let token_url = url("upstream.token_url", &self.upstream.token_url);
         let consent_url = url("upstream.consent_url", &self.upstream.consent_url);
-        if let Some(u) = &upstream_url {
-            if u.query().is_some() || u.fragment().is_some() {
-                bad("upstream.url", "must not carry a query or fragment".into());
-            }
+        if let Some(u) = &upstream_url
+            && (u.query().is_some() || u.fragment().is_some())
+        {
+            bad("upstream.url", "must not carry a query or fragment".into());
         }
         let extra_roots = match &self.upstream.ca_file {
             None => None,

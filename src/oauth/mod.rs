@@ -192,12 +192,12 @@ fn parse_success(body: &[u8]) -> Result<Granted, GrantError> {
     let t: TokenResponse = serde_json::from_slice(body).map_err(|e| {
         GrantError::Transient(format!("the token endpoint answered unreadable JSON: {e}"))
     })?;
-    if let Some(tt) = &t.token_type {
-        if !tt.eq_ignore_ascii_case("bearer") {
-            return Err(GrantError::Transient(format!(
-                "the token endpoint answered token_type {tt:?}, not Bearer"
-            )));
-        }
+    if let Some(tt) = &t.token_type
+        && !tt.eq_ignore_ascii_case("bearer")
+    {
+        return Err(GrantError::Transient(format!(
+            "the token endpoint answered token_type {tt:?}, not Bearer"
+        )));
     }
     if t.access_token.is_empty()
         || !t

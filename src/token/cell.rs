@@ -119,10 +119,10 @@ impl TokenCell {
         let deadline = tokio::time::Instant::now() + wait;
         let mut attempts = self.attempts.subscribe();
         loop {
-            if let Some(t) = self.usable() {
-                if t.generation() > newer_than {
-                    return Ok(t);
-                }
+            if let Some(t) = self.usable()
+                && t.generation() > newer_than
+            {
+                return Ok(t);
             }
             if !self.fetching.load(Ordering::Acquire) {
                 let health = self.health.load();

@@ -136,15 +136,15 @@ impl RefreshGrant {
                     chain.current = None;
                     if !chain.seed_tried {
                         chain.seed_tried = true;
-                        if let Some(seed) = self.seed.as_ref().and_then(|s| s.load().ok()) {
-                            if !same(&seed, &refresh_token) {
-                                tracing::info!(
-                                    tenant = &*self.tenant,
-                                    "trying the configured refresh_token seed once"
-                                );
-                                chain.current = Some(seed);
-                                continue;
-                            }
+                        if let Some(seed) = self.seed.as_ref().and_then(|s| s.load().ok())
+                            && !same(&seed, &refresh_token)
+                        {
+                            tracing::info!(
+                                tenant = &*self.tenant,
+                                "trying the configured refresh_token seed once"
+                            );
+                            chain.current = Some(seed);
+                            continue;
                         }
                     }
                     return Err(self.consent_hint(

@@ -62,11 +62,11 @@ pub async fn run(
             if failures > 0 || !cell.needs_token() {
                 continue;
             }
-            if let Some(earliest) = last_fetch.map(|l| l + MIN_DEMAND_INTERVAL) {
-                if Instant::now() < earliest {
-                    next = next.min(earliest);
-                    continue;
-                }
+            if let Some(earliest) = last_fetch.map(|l| l + MIN_DEMAND_INTERVAL)
+                && Instant::now() < earliest
+            {
+                next = next.min(earliest);
+                continue;
             }
         }
 

@@ -375,10 +375,9 @@ async fn token(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             .values()
             .filter(|t| t.client_id == id)
             .max_by_key(|t| t.issued_at)
+            && prev.expires_at <= now
         {
-            if prev.expires_at <= now {
-                st.late_renewals.fetch_add(1, Ordering::SeqCst);
-            }
+            st.late_renewals.fetch_add(1, Ordering::SeqCst);
         }
         tokens.insert(
             access.clone(),
@@ -550,12 +549,12 @@ pub mod tokio_stream {
             if self.left == 0 {
                 return Poll::Ready(None);
             }
-            if self.sent > 0 {
-                if let Some(g) = self.gate.as_mut() {
-                    match g.as_mut().poll(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(()) => self.gate = None,
-                    }
+            if self.sent > 0
+                && let Some(g) = self.gate.as_mut()
+            {
+                match g.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => self.gate = None,
                 }
             }
             let n = self.left.min(CHUNK);
