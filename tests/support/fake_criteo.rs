@@ -34,6 +34,24 @@ pub struct Seen {
     pub status: u16,
 }
 
+/// A refresh token the stand-in issued: single use, revocable.
+#[derive(Debug)]
+struct Refresh {
+    client_id: String,
+    spent: bool,
+    revoked: bool,
+    issued: u64,
+}
+
+/// An authorization code: valid 30 s, once, for one redirect_uri.
+#[derive(Debug)]
+struct Code {
+    client_id: String,
+    redirect_uri: String,
+    issued_at: Instant,
+    used: bool,
+}
+
 #[derive(Debug)]
 struct Issued {
     client_id: String,
@@ -60,6 +78,13 @@ pub struct State {
     seen: Mutex<Vec<Seen>>,
     api_requests: watch::Sender<usize>,
     release: Notify,
+    refresh_tokens: Mutex<HashMap<String, Refresh>>,
+    /// Every refresh token presented, in order.
+    refresh_presented: Mutex<Vec<String>>,
+    /// Presentations of a refresh token that had already been used.
+    spent_presented: AtomicUsize,
+    codes: Mutex<HashMap<String, Code>>,
+    consent_denied: AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +218,49 @@ impl FakeCriteo {
         self.state.revoked.lock().unwrap().extend(all);
     }
 
+    /// A fresh refresh token for `client_id`, as a consent would give.
+    pub fn issue_refresh_token(&self, client_id: &str) -> String {
+        new_refresh_token(&self.state, client_id)
+    }
+
+    /// The one refresh token of `client_id` still usable, if any.
+    pub fn newest_refresh_token(&self, client_id: &str) -> Option<String> {
+        let rts = self.state.refresh_tokens.lock().unwrap();
+        rts.iter()
+            .filter(|(_, r)| r.client_id == client_id && !r.spent && !r.revoked)
+            .max_by_key(|(_, r)| r.issued)
+            .map(|(t, _)| t.clone())
+    }
+
+    /// Every refresh token presented to the token endpoint, in order.
+    pub fn refresh_presented(&self) -> Vec<String> {
+        self.state.refresh_presented.lock().unwrap().clone()
+    }
+
+    /// How often an already-used refresh token was presented: must stay 0.
+    pub fn spent_presented(&self) -> usize {
+        self.state.spent_presented.load(Ordering::SeqCst)
+    }
+
+    /// The consenting user left: every refresh token of the client dies.
+    pub fn revoke_refresh_tokens(&self, client_id: &str) {
+        for r in self.state.refresh_tokens.lock().unwrap().values_mut() {
+            if r.client_id == client_id {
+                r.revoked = true;
+            }
+        }
+    }
+
+    /// An authorization code, as the consent page would hand out.
+    pub fn issue_code(&self, client_id: &str, redirect_uri: &str) -> String {
+        new_code(&self.state, client_id, redirect_uri)
+    }
+
+    /// Makes the consent page answer `error=access_denied`.
+    pub fn set_consent_denied(&self, on: bool) {
+        self.state.consent_denied.store(on, Ordering::SeqCst);
+    }
+
     /// Lets a held `/gated` response send the rest of its body.
     pub fn release(&self) {
         self.state.release.notify_one();
@@ -246,6 +314,11 @@ impl Builder {
             seen: Mutex::new(Vec::new()),
             api_requests: watch::Sender::new(0),
             release: Notify::new(),
+            refresh_tokens: Mutex::new(HashMap::new()),
+            refresh_presented: Mutex::new(Vec::new()),
+            spent_presented: AtomicUsize::new(0),
+            codes: Mutex::new(HashMap::new()),
+            consent_denied: AtomicBool::new(false),
         });
         let (acceptor, ca_pem) = if self.tls {
             let (a, pem) = tls_acceptor();
@@ -316,11 +389,55 @@ fn json_body(status: StatusCode, v: Value) -> Response<Body> {
 }
 
 async fn handle(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
-    if req.uri().path() == "/oauth2/token" {
-        token(st, req).await
-    } else {
-        api(st, req).await
+    match req.uri().path() {
+        "/oauth2/token" => token(st, req).await,
+        "/request" => consent_page(&st, &req),
+        _ => api(st, req).await,
     }
+}
+
+/// Criteo's consent page, with the person always saying yes (or no, when
+/// told to): redirects to `redirect_uri` with a code and the state.
+fn consent_page(st: &State, req: &Request<Incoming>) -> Response<Body> {
+    let q: HashMap<String, String> =
+        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let (Some("code"), Some(client_id), Some(redirect_uri), Some(state)) = (
+        q.get("response_type").map(String::as_str),
+        q.get("client_id"),
+        q.get("redirect_uri"),
+        q.get("state"),
+    ) else {
+        return json_body(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "bad consent request"}),
+        );
+    };
+    if !st.clients.lock().unwrap().contains_key(client_id) {
+        return json_body(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unknown client_id"}),
+        );
+    }
+    let mut target = url::Url::parse(redirect_uri).unwrap();
+    if st.consent_denied.load(Ordering::SeqCst) {
+        target
+            .query_pairs_mut()
+            .append_pair("error", "access_denied")
+            .append_pair("state", state);
+    } else {
+        let code = new_code(st, client_id, redirect_uri);
+        target
+            .query_pairs_mut()
+            .append_pair("code", &code)
+            .append_pair("state", state);
+    }
+    let mut r = Response::new(Either::Left(Full::new(Bytes::new())));
+    *r.status_mut() = StatusCode::FOUND;
+    r.headers_mut()
+        .insert("location", target.as_str().parse().unwrap());
+    r
 }
 
 async fn token(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
@@ -350,12 +467,6 @@ async fn token(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             json!({"error": "invalid_request", "error_description": "Content-Type must be form"}),
         );
     }
-    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
-        return json_body(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "unsupported_grant_type"}),
-        );
-    }
     let id = form.get("client_id").cloned().unwrap_or_default();
     let ok = st.clients.lock().unwrap().get(&id) == form.get("client_secret");
     if !ok {
@@ -364,34 +475,119 @@ async fn token(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             json!({"error": "invalid_client", "error_description": "unknown client or wrong secret"}),
         );
     }
+    let invalid_grant = |why: &str| {
+        json_body(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_grant", "error_description": why}),
+        )
+    };
+    let refresh = match form.get("grant_type").map(String::as_str) {
+        Some("client_credentials") => None,
+        Some("refresh_token") => {
+            let presented = form.get("refresh_token").cloned().unwrap_or_default();
+            st.refresh_presented.lock().unwrap().push(presented.clone());
+            let mut rts = st.refresh_tokens.lock().unwrap();
+            match rts.get_mut(&presented) {
+                None => return invalid_grant("unknown refresh token"),
+                Some(r) if r.client_id != id => return invalid_grant("not this client's token"),
+                Some(r) if r.spent => {
+                    st.spent_presented.fetch_add(1, Ordering::SeqCst);
+                    return invalid_grant("refresh token already used");
+                }
+                Some(r) if r.revoked => return invalid_grant("consent revoked"),
+                Some(r) => r.spent = true,
+            }
+            drop(rts);
+            Some(new_refresh_token(&st, &id))
+        }
+        Some("authorization_code") => {
+            let code = form.get("code").cloned().unwrap_or_default();
+            let redirect = form.get("redirect_uri").cloned().unwrap_or_default();
+            let mut codes = st.codes.lock().unwrap();
+            match codes.get_mut(&code) {
+                None => return invalid_grant("unknown code"),
+                Some(c) if c.used => return invalid_grant("code already used"),
+                Some(c) if c.issued_at.elapsed() > Duration::from_secs(30) => {
+                    return invalid_grant("code expired");
+                }
+                Some(c) if c.client_id != id || c.redirect_uri != redirect => {
+                    return invalid_grant("redirect_uri does not match the consent");
+                }
+                Some(c) => c.used = true,
+            }
+            drop(codes);
+            Some(new_refresh_token(&st, &id))
+        }
+        _ => {
+            return json_body(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "unsupported_grant_type"}),
+            );
+        }
+    };
+    let (access, lifetime) = new_access_token(&st, id);
+    let mut answer =
+        json!({"access_token": access, "token_type": "Bearer", "expires_in": lifetime.as_secs()});
+    if let Some(rt) = refresh {
+        answer["refresh_token"] = json!(rt);
+    }
+    json_body(StatusCode::OK, answer)
+}
+
+fn new_refresh_token(st: &State, client_id: &str) -> String {
+    let n = st.counter.fetch_add(1, Ordering::SeqCst) + 1;
+    let rt = format!("fake-refresh-{n}-{:016x}", rand_u64());
+    st.refresh_tokens.lock().unwrap().insert(
+        rt.clone(),
+        Refresh {
+            client_id: client_id.to_owned(),
+            spent: false,
+            revoked: false,
+            issued: n,
+        },
+    );
+    rt
+}
+
+fn new_code(st: &State, client_id: &str, redirect_uri: &str) -> String {
+    let n = st.counter.fetch_add(1, Ordering::SeqCst) + 1;
+    let code = format!("fake-code-{n}-{:016x}", rand_u64());
+    st.codes.lock().unwrap().insert(
+        code.clone(),
+        Code {
+            client_id: client_id.to_owned(),
+            redirect_uri: redirect_uri.to_owned(),
+            issued_at: Instant::now(),
+            used: false,
+        },
+    );
+    code
+}
+
+fn new_access_token(st: &State, id: String) -> (String, Duration) {
     let n = st.counter.fetch_add(1, Ordering::SeqCst) + 1;
     let access = format!("fake-access-{n}-{:016x}", rand_u64());
     let lifetime = *st.expires_in.lock().unwrap();
     let now = Instant::now();
+    let mut tokens = st.tokens.lock().unwrap();
+    // Was the client's newest previous token already expired?
+    if let Some(prev) = tokens
+        .values()
+        .filter(|t| t.client_id == id)
+        .max_by_key(|t| t.issued_at)
+        && prev.expires_at <= now
     {
-        let mut tokens = st.tokens.lock().unwrap();
-        // Was the client's newest previous token already expired?
-        if let Some(prev) = tokens
-            .values()
-            .filter(|t| t.client_id == id)
-            .max_by_key(|t| t.issued_at)
-            && prev.expires_at <= now
-        {
-            st.late_renewals.fetch_add(1, Ordering::SeqCst);
-        }
-        tokens.insert(
-            access.clone(),
-            Issued {
-                client_id: id,
-                issued_at: now,
-                expires_at: now + lifetime,
-            },
-        );
+        st.late_renewals.fetch_add(1, Ordering::SeqCst);
     }
-    json_body(
-        StatusCode::OK,
-        json!({"access_token": access, "token_type": "Bearer", "expires_in": lifetime.as_secs()}),
-    )
+    tokens.insert(
+        access.clone(),
+        Issued {
+            client_id: id,
+            issued_at: now,
+            expires_at: now + lifetime,
+        },
+    );
+    (access, lifetime)
 }
 
 fn rand_u64() -> u64 {

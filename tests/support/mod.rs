@@ -34,6 +34,7 @@ pub struct ProxyBuilder {
     upstream: Vec<String>,
     refresh: Vec<String>,
     tenants: Vec<String>,
+    sections: Vec<String>,
     with_main: bool,
 }
 
@@ -46,6 +47,7 @@ impl TestProxy {
             upstream: Vec::new(),
             refresh: Vec::new(),
             tenants: Vec::new(),
+            sections: Vec::new(),
             with_main: true,
         }
     }
@@ -136,6 +138,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Adds a whole section, e.g. `"[store]\npath = \"…\""`.
+    pub fn section(mut self, text: &str) -> Self {
+        self.sections.push(text.into());
+        self
+    }
+
     /// Leaves out the default `main` tenant.
     pub fn without_main(mut self) -> Self {
         self.with_main = false;
@@ -153,8 +161,10 @@ impl ProxyBuilder {
             out.push('\n');
         }
         out.push_str(&format!(
-            "[upstream]\nurl = \"{}\"\ntoken_url = \"{}\"\n",
-            self.upstream_url, self.token_url
+            "[upstream]\nurl = \"{}\"\ntoken_url = \"{}\"\nconsent_url = \"{}\"\n",
+            self.upstream_url,
+            self.token_url,
+            self.token_url.replace("/oauth2/token", "/request")
         ));
         for l in &self.upstream {
             out.push_str(l);
@@ -170,7 +180,7 @@ impl ProxyBuilder {
                 "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret = \"main-secret\"\n",
             );
         }
-        for t in &self.tenants {
+        for t in self.tenants.iter().chain(&self.sections) {
             out.push_str(t);
             out.push('\n');
         }
@@ -179,14 +189,16 @@ impl ProxyBuilder {
 
     pub async fn start(self) -> TestProxy {
         init_logs();
-        let config = Config::from_toml(&self.toml())
-            .unwrap_or_else(|e| panic!("test config is valid: {e}\n{}", self.toml()));
         let listeners = Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let url = format!("http://{}", listeners.proxy.local_addr().unwrap());
         let admin = format!("http://{}", listeners.admin.local_addr().unwrap());
+        // `{admin}` in a config line stands for the admin listener's URL.
+        let text = self.toml().replace("{admin}", &admin);
+        let config = Config::from_toml(&text)
+            .unwrap_or_else(|e| panic!("test config is valid: {e}\n{text}"));
         let app = App::new(config).unwrap();
         let tenants = Arc::clone(app.tenants());
         let (tx, rx) = oneshot::channel::<()>();
