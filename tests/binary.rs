@@ -3,32 +3,10 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
+use support::process::{Running, command, write};
 use support::{FakeCriteo, client};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
-
-const BIN: &str = env!("CARGO_BIN_EXE_criteo-token-proxy");
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn command() -> Command {
-    let mut c = Command::new(BIN);
-    c.env_remove("RUST_LOG")
-        .env_remove("CRITEO_PROXY_CONFIG")
-        .kill_on_drop(true);
-    c
-}
 
 /// Runs the binary to completion: (exit code, stdout, stderr).
 async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
@@ -69,103 +47,6 @@ client_secret = "main-secret"
         fake.url(),
         fake.token_url()
     )
-}
-
-/// A running proxy process whose JSON log lines are collected.
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    seen: watch::Receiver<usize>,
-    proxy: String,
-    admin: String,
-}
-
-impl Running {
-    async fn start(config: &Path, rust_log: &str) -> Self {
-        let mut child = command()
-            .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
-            .env("RUST_LOG", rust_log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, seen) = watch::channel(0usize);
-        let sink = Arc::clone(&lines);
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                let n = {
-                    let mut l = sink.lock().unwrap();
-                    l.push(line);
-                    l.len()
-                };
-                tx.send_replace(n);
-            }
-        });
-        let mut r = Running {
-            child,
-            lines,
-            seen,
-            proxy: String::new(),
-            admin: String::new(),
-        };
-        let listening = r.wait_for_message("listening").await;
-        r.proxy = format!("http://{}", listening["fields"]["proxy"].as_str().unwrap());
-        r.admin = format!("http://{}", listening["fields"]["admin"].as_str().unwrap());
-        r
-    }
-
-    /// Waits for a log line whose message is `message`.
-    async fn wait_for_message(&mut self, message: &str) -> Value {
-        let lines = Arc::clone(&self.lines);
-        let find = || {
-            lines.lock().unwrap().iter().find_map(|l| {
-                let v: Value = serde_json::from_str(l).ok()?;
-                (v["fields"]["message"] == message).then_some(v)
-            })
-        };
-        let wait = async {
-            loop {
-                if let Some(v) = find() {
-                    return v;
-                }
-                if self.seen.changed().await.is_err() {
-                    panic!(
-                        "the process ended before logging {message:?}: {:?}",
-                        self.lines.lock().unwrap()
-                    );
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), wait)
-            .await
-            .unwrap_or_else(|_| panic!("no {message:?} log line"))
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().unwrap().to_string();
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    async fn wait_exit(&mut self) -> i32 {
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("the process exits")
-            .unwrap()
-            .code()
-            .unwrap_or(-1)
-    }
-
-    fn all_logs(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
 }
 
 #[tokio::test]
