@@ -1,6 +1,8 @@
 //! Prometheus metrics. [`Metrics`] owns its registry (no global macros) and
-//! hands each tenant pre-resolved handles, so the request path does no label
-//! hashing for the common statuses.
+//! hands each tenant handles that are resolved once, on first use, so the
+//! request path does no label hashing for the common statuses.
+
+use std::sync::OnceLock;
 
 use http::StatusCode;
 use prometheus::{
@@ -141,20 +143,18 @@ impl Metrics {
         self.consent_callbacks.with_label_values(&[kind]).inc();
     }
 
-    /// Handles for one tenant, resolved once.
+    /// Handles for one tenant. Each series is created on first use (so
+    /// 10,000 idle tenants cost no series) and then kept: later uses are
+    /// one atomic load, no label hashing.
     pub fn tenant(&self, name: &str) -> TenantMetrics {
         TenantMetrics {
             name: name.into(),
-            common: COMMON.map(|s| {
-                let code = StatusCode::from_u16(s).expect("valid status");
-                self.requests.with_label_values(&[name, code.as_str()])
-            }),
-            requests: self.requests.clone(),
-            duration: self.duration.with_label_values(&[name]),
-            retries: self.retries.with_label_values(&[name]),
-            refreshes: self.refreshes.clone(),
-            expiry: self.expiry.with_label_values(&[name]),
-            consent_required: self.consent_required.with_label_values(&[name]),
+            vecs: self.clone(),
+            common: Default::default(),
+            duration: OnceLock::new(),
+            retries: OnceLock::new(),
+            expiry: OnceLock::new(),
+            consent_required: OnceLock::new(),
         }
     }
 
@@ -174,46 +174,68 @@ impl Metrics {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct TenantMetrics {
     name: Box<str>,
-    common: [IntCounter; COMMON.len()],
-    requests: IntCounterVec,
-    duration: Histogram,
-    retries: IntCounter,
-    refreshes: IntCounterVec,
-    expiry: prometheus::Gauge,
-    consent_required: IntCounter,
+    vecs: Metrics,
+    common: [OnceLock<IntCounter>; COMMON.len()],
+    duration: OnceLock<Histogram>,
+    retries: OnceLock<IntCounter>,
+    expiry: OnceLock<prometheus::Gauge>,
+    consent_required: OnceLock<IntCounter>,
 }
 
 impl TenantMetrics {
+    #[inline]
     pub fn request(&self, status: StatusCode, seconds: f64) {
         let code = status.as_u16();
         match COMMON.iter().position(|&s| s == code) {
-            Some(i) => self.common[i].inc(),
+            Some(i) => self.common[i]
+                .get_or_init(|| {
+                    self.vecs
+                        .requests
+                        .with_label_values(&[&self.name, status.as_str()])
+                })
+                .inc(),
             None => self
+                .vecs
                 .requests
                 .with_label_values(&[&self.name, status.as_str()])
                 .inc(),
         }
-        self.duration.observe(seconds);
+        self.duration
+            .get_or_init(|| self.vecs.duration.with_label_values(&[&self.name]))
+            .observe(seconds);
     }
 
     pub fn retry(&self) {
-        self.retries.inc();
+        self.retries
+            .get_or_init(|| self.vecs.retries.with_label_values(&[&self.name]))
+            .inc();
     }
 
     pub fn refresh(&self, outcome: RefreshOutcome) {
-        self.refreshes
+        self.vecs
+            .refreshes
             .with_label_values(&[&self.name, outcome.label()])
             .inc();
     }
 
     pub fn consent_required(&self) {
-        self.consent_required.inc();
+        self.consent_required
+            .get_or_init(|| self.vecs.consent_required.with_label_values(&[&self.name]))
+            .inc();
     }
 
+    /// Sets the gauge; a tenant that never had a token gets no series.
     pub fn set_expiry(&self, seconds: f64) {
-        self.expiry.set(seconds);
+        match self.expiry.get() {
+            Some(g) => g.set(seconds),
+            None if seconds > 0.0 => self
+                .expiry
+                .get_or_init(|| self.vecs.expiry.with_label_values(&[&self.name]))
+                .set(seconds),
+            None => {}
+        }
     }
 }

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Side by side, in one run: nginx adding a static Authorization header (what an
+# infra engineer would run instead) against criteo-token-proxy, both in front of
+# the same upstream (nginx serving a static token at /oauth2/token and static
+# JSON elsewhere), loaded in turn with wrk over several alternating rounds.
+#
+#   benches/compare-nginx.sh                 # 5 rounds of 10 s, 64 connections
+#   ROUNDS=3 DURATION=5s CONNS=64 benches/compare-nginx.sh
+#
+# Prints requests/s, p50/p99 latency, non-2xx responses and peak RSS for both,
+# and their ratios. Installs nginx and wrk from Debian's packages if missing.
+# Everything listens on 127.0.0.1 only.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+WRK_THREADS=${WRK_THREADS:-2}
+cd "$(dirname "$0")/.."
+
+need() {
+  local missing=()
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+  command -v wrk >/dev/null || missing+=(wrk)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]} from Debian's packages" >&2
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+need
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release --quiet
+PROXY_BIN=target/release/criteo-token-proxy
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(free_port); NGX=$(free_port); CTP=$(free_port); ADM=$(free_port)
+
+TOKEN='eyJhbGciOiJSUzI1NiJ9.benchmark-token-of-realistic-shape.c2lnbmF0dXJl'
+ANSWER='{"data":[{"id":"1234","type":"Advertiser","attributes":{"advertiserName":"bench","currency":"EUR"}}]}'
+
+mkdir -p "$work/up" "$work/ngx"
+cat > "$work/up/nginx.conf" <<EOF
+worker_processes 1;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 100000;
+  server {
+    listen 127.0.0.1:$UP;
+    location = /oauth2/token {
+      default_type application/json;
+      return 200 '{"access_token":"$TOKEN","token_type":"Bearer","expires_in":900}';
+    }
+    location / {
+      default_type application/json;
+      return 200 '$ANSWER';
+    }
+  }
+}
+EOF
+cat > "$work/ngx/nginx.conf" <<EOF
+worker_processes auto;
+pid $work/ngx/nginx.pid;
+error_log $work/ngx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 100000;
+  upstream criteo { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://criteo;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer $TOKEN";
+    }
+  }
+}
+EOF
+cat > "$work/proxy.toml" <<EOF
+[server]
+listen = "127.0.0.1:$CTP"
+admin_listen = "127.0.0.1:$ADM"
+default_tenant = "main"
+[upstream]
+url = "http://127.0.0.1:$UP"
+token_url = "http://127.0.0.1:$UP/oauth2/token"
+[tenants.main]
+grant = "client_credentials"
+client_id = "bench"
+client_secret = "bench"
+EOF
+
+"$NGINX" -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' 2>"$work/up/stderr" &
+pids+=($!)
+"$NGINX" -p "$work/ngx" -c "$work/ngx/nginx.conf" -g 'daemon off;' 2>"$work/ngx/stderr" &
+NGX_PID=$!; pids+=($NGX_PID)
+RUST_LOG=warn ${PROXY_ENV:-} "$PROXY_BIN" --config "$work/proxy.toml" 2>"$work/proxy.log" &
+CTP_PID=$!; pids+=($CTP_PID)
+
+for _ in $(seq 100); do
+  if curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 &&
+     curl -fs "http://127.0.0.1:$NGX/x" >/dev/null 2>&1; then break; fi
+  sleep 0.1
+done
+curl -fs "http://127.0.0.1:$CTP/2024-10/advertisers/me" >/dev/null || { echo "proxy not serving" >&2; cat "$work/proxy.log" >&2; exit 1; }
+
+# Peak resident memory (VmHWM) of a process and its children, in KiB.
+peak_kib() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$(( total + $(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0) ))
+  done
+  echo "$total"
+}
+
+run_wrk() { # name port round
+  wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/2024-10/advertisers/me" > "$work/$1.$3.txt" 2>&1
+}
+
+echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version)"
+echo "load: wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $ROUNDS alternating rounds"
+run_wrk warmup-nginx "$NGX" 0 || true
+run_wrk warmup-proxy "$CTP" 0 || true
+for r in $(seq "$ROUNDS"); do
+  if (( r % 2 )); then run_wrk nginx "$NGX" "$r"; run_wrk proxy "$CTP" "$r";
+  else run_wrk proxy "$CTP" "$r"; run_wrk nginx "$NGX" "$r"; fi
+done
+
+python3 - "$work" "$ROUNDS" "$(peak_kib "$NGX_PID")" "$(peak_kib "$CTP_PID")" <<'EOF'
+import re, statistics, sys
+work, rounds, ngx_kib, ctp_kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+def parse(path):
+    t = open(path).read()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+    lat = {p: float(v) * unit[u] for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", t, re.M)}
+    non2xx = int((re.search(r"Non-2xx or 3xx responses:\s+(\d+)", t) or [0, 0])[1])
+    errs = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", t))
+    return rps, lat["50"], lat["99"], non2xx, errs
+rows = {n: [parse(f"{work}/{n}.{r}.txt") for r in range(1, rounds + 1)] for n in ("nginx", "proxy")}
+print(f"\n{'round':>5} {'':>20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'errors':>7}")
+for r in range(rounds):
+    for n, label in (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy")):
+        rps, p50, p99, bad, errs = rows[n][r]
+        print(f"{r+1:>5} {label:>20} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {bad:>8} {errs:>7}")
+med = {n: [statistics.median(x[i] for x in rows[n]) for i in range(3)] for n in rows}
+tot = {n: (sum(x[3] for x in rows[n]), sum(x[4] for x in rows[n])) for n in rows}
+print("\nmedian over rounds:")
+for n, label, kib in (("nginx", "nginx (static token)", ngx_kib), ("proxy", "criteo-token-proxy", ctp_kib)):
+    rps, p50, p99 = med[n]
+    print(f"  {label:>20}: {rps:>9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms  non-2xx {tot[n][0]}  errors {tot[n][1]}  peak RSS {kib/1024:.1f} MiB")
+print(f"\nratios (criteo-token-proxy / nginx): req/s {med['proxy'][0]/med['nginx'][0]:.2f}x  "
+      f"p50 {med['proxy'][1]/med['nginx'][1]:.2f}x  p99 {med['proxy'][2]/med['nginx'][2]:.2f}x  "
+      f"peak RSS {ctp_kib/max(ngx_kib,1):.2f}x")
+EOF
