@@ -65,8 +65,7 @@ struct Cell(TokenCell);
 impl Inject for Cell {
     #[inline]
     fn inject(&self, headers: &mut HeaderMap) {
-        let t = self.0.usable().expect("a token is cached");
-        headers.insert(AUTHORIZATION, t.header().clone());
+        self.0.inject(headers).expect("a token is cached");
     }
 }
 
@@ -76,7 +75,7 @@ impl Inject for Locked {
     #[inline]
     fn inject(&self, headers: &mut HeaderMap) {
         let t = Arc::clone(&self.0.read().unwrap());
-        assert!(t.is_usable(Instant::now()));
+        assert!(t.is_usable_now());
         headers.insert(AUTHORIZATION, t.header().clone());
     }
 }

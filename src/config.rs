@@ -53,6 +53,7 @@ struct RawServer {
     #[serde(with = "humantime_serde")]
     shutdown_grace: Duration,
     allowed_clients: Option<Vec<IpNet>>,
+    workers: Option<usize>,
 }
 
 impl Default for RawServer {
@@ -65,6 +66,7 @@ impl Default for RawServer {
             max_replay_body: bytesize::ByteSize::mib(1),
             shutdown_grace: Duration::from_secs(20),
             allowed_clients: None,
+            workers: None,
         }
     }
 }
@@ -107,6 +109,7 @@ struct RawRefresh {
     max_backoff: Duration,
     #[serde(with = "humantime_serde")]
     rejected_backoff: Duration,
+    lazy: bool,
 }
 
 impl Default for RawRefresh {
@@ -117,6 +120,7 @@ impl Default for RawRefresh {
             token_timeout: Duration::from_secs(10),
             max_backoff: Duration::from_secs(30),
             rejected_backoff: Duration::from_secs(300),
+            lazy: false,
         }
     }
 }
@@ -225,6 +229,8 @@ pub struct ServerConfig {
     pub max_replay_body: usize,
     pub shutdown_grace: Duration,
     pub allowed_clients: Option<Vec<IpNet>>,
+    /// Threads serving the proxy listener (default: one per CPU).
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -275,6 +281,8 @@ pub struct RefreshConfig {
     pub max_backoff: Duration,
     /// Pause after the token endpoint rejected the credentials.
     pub rejected_backoff: Duration,
+    /// Fetch a tenant's first token on its first request, not at start.
+    pub lazy: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -456,6 +464,9 @@ impl Config {
             "shutdown_grace = {}",
             q(&humantime::format_duration(s.shutdown_grace).to_string())
         );
+        if let Some(w) = s.workers {
+            let _ = writeln!(out, "workers = {w}");
+        }
         if let Some(nets) = &s.allowed_clients {
             let list: Vec<String> = nets.iter().map(|n| q(&n.to_string())).collect();
             let _ = writeln!(out, "allowed_clients = [{}]", list.join(", "));
@@ -476,6 +487,7 @@ impl Config {
         let _ = writeln!(out, "token_timeout = {}", dur(r.token_timeout));
         let _ = writeln!(out, "max_backoff = {}", dur(r.max_backoff));
         let _ = writeln!(out, "rejected_backoff = {}", dur(r.rejected_backoff));
+        let _ = writeln!(out, "lazy = {}", r.lazy);
         if let Some(p) = &self.store.path {
             let _ = writeln!(out, "\n[store]\npath = {}", q(&p.display().to_string()));
         }
@@ -544,6 +556,11 @@ impl RawConfig {
         }
         let max_replay_body =
             usize::try_from(self.server.max_replay_body.as_u64()).unwrap_or(usize::MAX);
+        if let Some(w) = self.server.workers
+            && !(1..=256).contains(&w)
+        {
+            bad("server.workers", format!("{w} must be between 1 and 256"));
+        }
         if self.server.shutdown_grace.is_zero() {
             bad("server.shutdown_grace", "must be more than 0s".into());
         }
@@ -763,6 +780,7 @@ impl RawConfig {
                 max_replay_body,
                 shutdown_grace: self.server.shutdown_grace,
                 allowed_clients: self.server.allowed_clients,
+                workers: self.server.workers,
             },
             upstream: UpstreamConfig {
                 url: upstream_url.expect("checked above"),
@@ -778,6 +796,7 @@ impl RawConfig {
                 token_timeout: self.refresh.token_timeout,
                 max_backoff: self.refresh.max_backoff,
                 rejected_backoff: self.refresh.rejected_backoff,
+                lazy: self.refresh.lazy,
             },
             store: StoreConfig {
                 path: self.store.path,

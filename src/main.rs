@@ -95,7 +95,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The proxy listener is served by its own worker threads (one
+    // single-threaded runtime each); this runtime runs the acceptor, the
+    // admin listener and the token refreshers, which are light.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

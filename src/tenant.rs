@@ -37,7 +37,7 @@ impl Tenants {
                 Arc::new(Tenant {
                     name: t.name.as_str().into(),
                     grant: t.grant,
-                    tokens: TokenCell::default(),
+                    tokens: TokenCell::new(config.refresh.lazy),
                     metrics: metrics.tenant(&t.name),
                     warned_forbidden: AtomicBool::new(false),
                 })

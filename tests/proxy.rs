@@ -740,3 +740,49 @@ async fn speaks_tls_to_the_upstream_with_http2_by_alpn() {
         .unwrap();
     assert_eq!(resp.status(), 503);
 }
+
+#[tokio::test]
+async fn lazy_tenants_fetch_their_first_token_on_first_use() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .refresh("lazy = true")
+        .start()
+        .await;
+    let ready = client()
+        .get(format!("{}/readyz", proxy.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        200,
+        "an idle tenant does not hold readiness up"
+    );
+    let tenants = json(
+        client()
+            .get(format!("{}/tenants", proxy.admin))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(tenants["tenants"][0]["state"], "idle");
+    assert_eq!(fake.token_requests(), 0, "nothing fetched before use");
+
+    let resp = client()
+        .get(format!("{}/x", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(fake.token_requests(), 1);
+    let tenants = json(
+        client()
+            .get(format!("{}/tenants", proxy.admin))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(tenants["tenants"][0]["state"], "ready");
+}

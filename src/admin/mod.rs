@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use crate::error::json_response;
 use crate::metrics::Metrics;
 use crate::tenant::{Tenant, Tenants};
+use crate::token::State;
 pub use onboarding::Onboarding;
 
 /// Largest consent callback body read.
@@ -43,13 +44,6 @@ impl Admin {
     /// From now on `/readyz` answers 503.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-    }
-
-    /// True when the proxy is not shutting down and every tenant holds a
-    /// usable token.
-    pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Acquire)
-            && self.tenants.iter().all(|t| t.tokens.usable().is_some())
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -114,7 +108,8 @@ impl Admin {
         let not_ready: Vec<Value> = self
             .tenants
             .iter()
-            .filter(|t| t.tokens.usable().is_none())
+            // An idle (lazy, never used) tenant does not hold readiness up.
+            .filter(|t| t.tokens.usable().is_none() && t.tokens.health().state != State::Idle)
             .map(|t| {
                 let h = t.tokens.health();
                 json!({

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::tenant::{Tenant, Tenants};
-use crate::token::{State, Token, Unavailable};
+use crate::token::{State, Unavailable};
 use crate::upstream::Upstream;
 
 /// What the proxy listener answers: Criteo's streamed body, or the
@@ -31,7 +31,7 @@ pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 /// that the pooled connection can be reused.
 const DRAIN_LIMIT: usize = 64 * 1024;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Proxy {
     tenants: Arc<Tenants>,
     upstream: Upstream,
@@ -55,6 +55,14 @@ impl Proxy {
             tenant_header: config.server.tenant_header.clone(),
             max_replay_body: config.server.max_replay_body,
             wait_timeout: config.refresh.wait_timeout,
+        }
+    }
+
+    /// The same settings with another upstream pool (one per worker).
+    pub fn with_upstream(&self, upstream: Upstream) -> Self {
+        Self {
+            upstream,
+            ..self.clone()
         }
     }
 
@@ -123,13 +131,17 @@ impl Proxy {
             .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))?;
 
         // No token, no forwarding: get it before reading the body.
-        let token = match tenant.tokens.usable() {
-            Some(t) => t,
-            None => tenant
-                .tokens
-                .wait_usable(0, self.wait_timeout)
-                .await
-                .map_err(|u| unavailable(tenant, u))?,
+        let generation = match tenant.tokens.inject(&mut parts.headers) {
+            Some(generation) => generation,
+            None => {
+                let token = tenant
+                    .tokens
+                    .wait_usable(0, self.wait_timeout)
+                    .await
+                    .map_err(|u| unavailable(tenant, u))?;
+                parts.headers.insert(AUTHORIZATION, token.header().clone());
+                token.generation()
+            }
         };
 
         let body = prepare(body, self.max_replay_body)
@@ -137,7 +149,7 @@ impl Proxy {
             .map_err(|e| ProxyError::BadRequest(format!("reading the body: {e}")))?;
         let bytes = match body {
             Prepared::Streaming(body) => {
-                let req = outgoing(parts.method, uri, parts.headers, &token, body);
+                let req = outgoing(parts.method, uri, parts.headers, body);
                 return Ok(self.send(tenant, req).await?.map(Either::Left));
             }
             Prepared::Replayable(bytes) => bytes,
@@ -147,7 +159,6 @@ impl Proxy {
             parts.method.clone(),
             uri.clone(),
             parts.headers.clone(),
-            &token,
             OutBody::full(bytes.clone()),
         );
         let resp = self.send(tenant, first).await?;
@@ -158,25 +169,20 @@ impl Proxy {
         // The token was refused: drop it (if nobody has yet), get a newer
         // one through the refresher, and try exactly once more.
         let _ = Limited::new(resp.into_body(), DRAIN_LIMIT).collect().await;
-        tenant.tokens.retire(&token);
+        tenant.tokens.retire(generation);
         tenant.metrics.retry();
         tracing::info!(
             tenant = &*tenant.name,
-            generation = token.generation(),
+            generation,
             "upstream answered 401; replaying once with a fresh token"
         );
         let fresh = tenant
             .tokens
-            .wait_usable(token.generation(), self.wait_timeout)
+            .wait_usable(generation, self.wait_timeout)
             .await
             .map_err(|u| unavailable(tenant, u))?;
-        let second = outgoing(
-            parts.method,
-            uri,
-            parts.headers,
-            &fresh,
-            OutBody::full(bytes),
-        );
+        parts.headers.insert(AUTHORIZATION, fresh.header().clone());
+        let second = outgoing(parts.method, uri, parts.headers, OutBody::full(bytes));
         Ok(self.send(tenant, second).await?.map(Either::Left))
     }
 
@@ -212,14 +218,7 @@ impl Proxy {
     }
 }
 
-fn outgoing(
-    method: Method,
-    uri: Uri,
-    mut headers: HeaderMap,
-    token: &Token,
-    body: OutBody,
-) -> Request<OutBody> {
-    headers.insert(AUTHORIZATION, token.header().clone());
+fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: OutBody) -> Request<OutBody> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
 use tokio::sync::{Notify, watch};
 
 use super::Token;
@@ -15,6 +17,8 @@ use super::Token;
 /// What a tenant is doing, for `/tenants`, `/readyz` and error answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// `refresh.lazy`: no token is fetched until the first request.
+    Idle,
     /// No token yet; the first request to the token endpoint is under way.
     Starting,
     /// The last token request succeeded.
@@ -30,6 +34,7 @@ pub enum State {
 impl State {
     pub fn as_str(self) -> &'static str {
         match self {
+            State::Idle => "idle",
             State::Starting => "starting",
             State::Ready => "ready",
             State::Failing => "failing",
@@ -76,10 +81,17 @@ pub struct TokenCell {
 
 impl Default for TokenCell {
     fn default() -> Self {
+        Self::new(false)
+    }
+}
+
+impl TokenCell {
+    /// A lazy cell starts `Idle`: its first token is fetched on demand.
+    pub fn new(lazy: bool) -> Self {
         Self {
             current: ArcSwapOption::empty(),
             health: ArcSwap::from_pointee(Health {
-                state: State::Starting,
+                state: if lazy { State::Idle } else { State::Starting },
                 last_refresh: None,
                 last_error: None,
                 retry_at: None,
@@ -103,9 +115,24 @@ impl TokenCell {
     pub fn usable(&self) -> Option<Arc<Token>> {
         let guard = self.current.load();
         match guard.as_ref() {
-            Some(t) if t.is_usable(Instant::now()) => Some(Arc::clone(t)),
+            Some(t) if t.is_usable_now() => Some(Arc::clone(t)),
             _ => None,
         }
+    }
+
+    /// The request path's injection: puts the current token's
+    /// `Authorization` value into `headers` and returns its generation (to
+    /// retire it on a 401). One `ArcSwap` load, a coarse clock read and the
+    /// header's refcount: no lock, no allocation, no `Arc<Token>` refcount.
+    #[inline]
+    pub fn inject(&self, headers: &mut HeaderMap) -> Option<u64> {
+        let guard = self.current.load();
+        let token = guard.as_ref()?;
+        if !token.is_usable_now() {
+            return None;
+        }
+        headers.insert(AUTHORIZATION, token.header().clone());
+        Some(token.generation())
     }
 
     /// A usable token newer than `newer_than`, waiting at most `wait` for
@@ -171,13 +198,16 @@ impl TokenCell {
         }
     }
 
-    /// The upstream answered 401 to `token`: stop using it (only if it is
-    /// still the current one) and ask the refresher for a new one.
-    pub fn retire(&self, token: &Arc<Token>) {
-        self.retired_upto
-            .fetch_max(token.generation(), Ordering::AcqRel);
+    /// The upstream answered 401 to the token of `generation`: stop using
+    /// it (only if it is still the current one) and ask the refresher for a
+    /// new one.
+    pub fn retire(&self, generation: u64) {
+        self.retired_upto.fetch_max(generation, Ordering::AcqRel);
         let current = self.current.load();
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
+        if current
+            .as_ref()
+            .is_some_and(|c| c.generation() == generation)
+        {
             self.current.compare_and_swap(&current, None);
         }
         self.demand.notify_one();

@@ -30,6 +30,11 @@ pub struct Token {
     obtained_at: Instant,
     refresh_at: Instant,
     usable_until: Instant,
+    /// The same moment on the coarse clock, which the request path reads:
+    /// a few nanoseconds instead of a full clock read (which traps to the
+    /// hypervisor on some VMs). Its millisecond resolution is far inside
+    /// the safety margin.
+    usable_until_coarse: coarsetime::Instant,
 }
 
 impl fmt::Debug for Token {
@@ -58,7 +63,9 @@ impl Token {
         header.set_sensitive(true);
         let lifetime = granted.expires_in;
         let (refresh_in, usable_for) = schedule(lifetime, at_fraction, rand::rng().random());
+        let left = (requested_at + usable_for).saturating_duration_since(Instant::now());
         Ok(Self {
+            usable_until_coarse: coarsetime::Instant::now() + coarsetime::Duration::from(left),
             header,
             generation,
             lifetime,
@@ -82,6 +89,12 @@ impl Token {
     #[inline]
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until
+    }
+
+    /// [`Token::is_usable`] on the coarse clock, for the request path.
+    #[inline]
+    pub fn is_usable_now(&self) -> bool {
+        coarsetime::Instant::now() < self.usable_until_coarse
     }
 
     pub fn refresh_at(&self) -> Instant {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::sleep_until;
 
 use super::{Health, State, Token, TokenSource};
@@ -35,11 +35,17 @@ pub async fn run(
     tenant: Arc<Tenant>,
     source: TokenSource,
     cfg: RefreshConfig,
+    fetches: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
     let cell = &tenant.tokens;
     let name = &*tenant.name;
-    let mut next = Instant::now();
+    // A lazy tenant sleeps until its first request asks for a token.
+    let mut next = if cfg.lazy {
+        Instant::now() + NEVER
+    } else {
+        Instant::now()
+    };
     let mut failures: u32 = 0;
     let mut last_fetch: Option<Instant> = None;
     loop {
@@ -71,8 +77,16 @@ pub async fn run(
         }
 
         cell.set_fetching(true);
+        // Bounds the token requests in flight across all tenants, so that
+        // thousands of tenants starting (or renewing) at once queue here
+        // instead of storming the token endpoint.
+        let Ok(_permit) = fetches.acquire().await else {
+            return;
+        };
         let requested_at = Instant::now();
-        let result = match tokio::time::timeout(cfg.token_timeout, source.fetch()).await {
+        // Boxed: a tenant spends nearly all its life waiting, and its task
+        // should not carry the (large) state of a token request meanwhile.
+        let result = match tokio::time::timeout(cfg.token_timeout, Box::pin(source.fetch())).await {
             Ok(r) => r,
             Err(_) => Err(GrantError::Transient(format!(
                 "no answer from the token endpoint within {:?}",

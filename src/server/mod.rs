@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -20,7 +19,7 @@ use tokio::task::JoinSet;
 use std::collections::HashMap;
 
 use crate::admin::{Admin, Onboarding};
-use crate::config::{Config, Grant, RefreshConfig};
+use crate::config::{Config, Grant, RefreshConfig, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::oauth::TokenEndpoint;
@@ -29,6 +28,11 @@ use crate::store::{StoreError, TokenStore};
 use crate::tenant::Tenants;
 use crate::token::{RefreshGrant, TokenSource, refresher};
 use crate::upstream::{Upstream, UpstreamError};
+
+mod worker;
+
+/// Token requests in flight at once, across all tenants.
+const MAX_CONCURRENT_FETCHES: usize = 32;
 
 /// The two sockets the proxy serves, bound by the caller (tests bind
 /// `127.0.0.1:0`, so they never race for ports).
@@ -74,7 +78,11 @@ pub enum StartError {
 /// A built proxy, ready to serve.
 #[derive(Debug)]
 pub struct App {
-    proxy: Arc<Proxy>,
+    /// The request path's settings; each worker makes its own copy with
+    /// its own upstream pool.
+    proxy: Proxy,
+    upstream: UpstreamConfig,
+    workers: usize,
     admin: Arc<Admin>,
     tenants: Arc<Tenants>,
     sources: Vec<TokenSource>,
@@ -128,12 +136,7 @@ impl App {
                 },
             });
         }
-        let proxy = Arc::new(Proxy::new(
-            &config,
-            Arc::clone(&tenants),
-            upstream,
-            metrics.clone(),
-        ));
+        let proxy = Proxy::new(&config, Arc::clone(&tenants), upstream, metrics.clone());
         let onboarding = Onboarding::new(
             Arc::clone(&tenants),
             grants,
@@ -145,6 +148,8 @@ impl App {
         let admin = Arc::new(Admin::new(Arc::clone(&tenants), metrics, onboarding));
         Ok(Self {
             proxy,
+            upstream: config.upstream.clone(),
+            workers: config.server.workers.unwrap_or_else(worker::default_count),
             admin,
             tenants,
             sources,
@@ -158,11 +163,13 @@ impl App {
     pub async fn run(mut self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut background = JoinSet::new();
+        let fetches = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES));
         for (tenant, source) in self.tenants.iter().zip(std::mem::take(&mut self.sources)) {
             background.spawn(refresher::run(
                 Arc::clone(tenant),
                 source,
                 self.refresh.clone(),
+                Arc::clone(&fetches),
                 stop_rx.clone(),
             ));
         }
@@ -178,38 +185,27 @@ impl App {
             "listening"
         );
 
+        let mut workers = match worker::Workers::start(
+            self.workers,
+            &self.proxy,
+            &self.upstream,
+            self.shutdown_grace,
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the proxy workers");
+                return;
+            }
+        };
         let graceful = GracefulShutdown::new();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
-        builder.http2().timer(TokioTimer::new());
+        let builder = worker::http_builder();
 
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 accepted = listeners.proxy.accept() => {
                     let Some((stream, peer)) = accepted_or_pause(accepted).await else { continue };
-                    let refused = self.refuses(peer);
-                    let proxy = Arc::clone(&self.proxy);
-                    let svc = service_fn(move |req| {
-                        let proxy = Arc::clone(&proxy);
-                        let refused = refused.clone();
-                        async move {
-                            Ok::<_, Infallible>(match refused {
-                                Some(err) => proxy.refuse(&err),
-                                None => proxy.handle(req).await,
-                            })
-                        }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "proxy connection ended with an error");
-                        }
-                    });
+                    workers.dispatch(stream, self.refuses(peer));
                 }
                 accepted = listeners.admin.accept() => {
                     let Some((stream, _)) = accepted_or_pause(accepted).await else { continue };
@@ -234,13 +230,16 @@ impl App {
         self.admin.begin_shutdown();
         drop(listeners);
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: finishing in-flight requests");
-        // Stage 2: let open connections finish, within the grace period.
-        tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all connections closed"),
-            () = tokio::time::sleep(self.shutdown_grace) => {
-                tracing::warn!(grace = ?self.shutdown_grace, "grace period over; closing remaining connections");
+        // Stage 2: let open connections finish, within the grace period
+        // (each worker bounds its own wait).
+        let admin_drain = async {
+            tokio::select! {
+                () = graceful.shutdown() => {}
+                () = tokio::time::sleep(self.shutdown_grace) => {}
             }
-        }
+        };
+        tokio::join!(workers.shutdown(), admin_drain);
+        tracing::info!("connections closed");
         // Stage 3: stop the refreshers.
         let _ = stop_tx.send(true);
         while background.join_next().await.is_some() {}
@@ -289,5 +288,32 @@ async fn accepted_or_pause(
             tokio::time::sleep(Duration::from_millis(50)).await;
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_refresher_task_is_small() {
+        // 10,000 tenants means 10,000 of these futures.
+        let cfg = Config::from_toml(
+            "[tenants.a]\ngrant = \"client_credentials\"\nclient_id = \"x\"\nclient_secret = \"y\"\n",
+        )
+        .unwrap();
+        let app = App::new(cfg).unwrap();
+        let tenant = Arc::clone(app.tenants.iter().next().unwrap());
+        let source = app.sources.into_iter().next().unwrap();
+        let (_tx, rx) = watch::channel(false);
+        let fut = refresher::run(
+            tenant,
+            source,
+            app.refresh.clone(),
+            Arc::new(tokio::sync::Semaphore::new(1)),
+            rx,
+        );
+        let size = std::mem::size_of_val(&fut);
+        assert!(size < 2048, "refresher future is {size} bytes");
     }
 }

@@ -1,0 +1,203 @@
+//! Thread-per-core serving of the proxy listener.
+//!
+//! Each worker is an OS thread running a single-threaded tokio runtime with
+//! its own pool of upstream connections. A client connection, and the
+//! upstream connections its requests use, live on one thread from accept to
+//! close: no task hops between threads and no cross-thread wake-ups on the
+//! request path. Measured on 2 cores, this halves the CPU time per request
+//! against one work-stealing runtime (see the README's Performance section).
+//! The acceptor hands connections out round-robin; tokens, tenants and
+//! metrics are shared, lock-free.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::UpstreamConfig;
+use crate::error::ProxyError;
+use crate::proxy::Proxy;
+use crate::upstream::Upstream;
+
+/// A connection handed to a worker, with the verdict of the allow-list.
+struct Handoff {
+    stream: std::net::TcpStream,
+    refused: Option<Arc<ProxyError>>,
+}
+
+/// The proxy's worker threads.
+#[derive(Debug)]
+pub(crate) struct Workers {
+    senders: Vec<mpsc::UnboundedSender<Handoff>>,
+    next: usize,
+    stop: watch::Sender<bool>,
+    done: Vec<oneshot::Receiver<()>>,
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handoff").finish_non_exhaustive()
+    }
+}
+
+/// The HTTP/1.1 + HTTP/2 server settings both listeners use.
+pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+impl Workers {
+    /// Starts `count` workers, each with its own upstream pool.
+    pub(crate) fn start(
+        count: usize,
+        proxy: &Proxy,
+        upstream: &UpstreamConfig,
+        grace: Duration,
+    ) -> std::io::Result<Self> {
+        let (stop, stop_rx) = watch::channel(false);
+        let mut senders = Vec::with_capacity(count);
+        let mut done = Vec::with_capacity(count);
+        for i in 0..count {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (done_tx, done_rx) = oneshot::channel();
+            let proxy = proxy.clone();
+            let upstream = upstream.clone();
+            let stop_rx = stop_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("proxy-worker-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a worker runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(serve(rx, proxy, upstream, stop_rx, grace));
+                    drop(rt);
+                    let _ = done_tx.send(());
+                })?;
+            senders.push(tx);
+            done.push(done_rx);
+        }
+        Ok(Self {
+            senders,
+            next: 0,
+            stop,
+            done,
+        })
+    }
+
+    /// Hands an accepted connection to the next worker.
+    pub(crate) fn dispatch(
+        &mut self,
+        stream: tokio::net::TcpStream,
+        refused: Option<Arc<ProxyError>>,
+    ) {
+        let Ok(stream) = stream.into_std() else {
+            return;
+        };
+        let i = self.next % self.senders.len();
+        self.next = self.next.wrapping_add(1);
+        if let Err(mpsc::error::SendError(h)) = self.senders[i].send(Handoff { stream, refused }) {
+            // That worker died; give the connection to one that runs.
+            self.retry(h);
+        }
+    }
+
+    fn retry(&mut self, h: Handoff) {
+        for s in &self.senders {
+            if !s.is_closed() {
+                let _ = s.send(h);
+                return;
+            }
+        }
+        tracing::error!("no proxy worker is running; connection dropped");
+    }
+
+    /// Stops accepting on every worker and waits for their in-flight
+    /// requests (each worker bounds its wait by the grace period).
+    pub(crate) async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        drop(self.senders);
+        for d in self.done {
+            let _ = d.await;
+        }
+    }
+}
+
+async fn serve(
+    mut rx: mpsc::UnboundedReceiver<Handoff>,
+    proxy: Proxy,
+    upstream: UpstreamConfig,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    // The pool is made on this thread, so its connections stay here.
+    let proxy = match Upstream::new(&upstream) {
+        Ok(u) => Arc::new(proxy.with_upstream(u)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the upstream client");
+            return;
+        }
+    };
+    let builder = http_builder();
+    let graceful = GracefulShutdown::new();
+    loop {
+        let handoff = tokio::select! {
+            h = rx.recv() => match h {
+                Some(h) => h,
+                None => break,
+            },
+            _ = stop.changed() => break,
+        };
+        let Ok(stream) = tokio::net::TcpStream::from_std(handoff.stream) else {
+            continue;
+        };
+        let refused = handoff.refused;
+        let proxy = Arc::clone(&proxy);
+        let svc = service_fn(move |req| {
+            let proxy = Arc::clone(&proxy);
+            let refused = refused.clone();
+            async move {
+                Ok::<_, Infallible>(match refused {
+                    Some(err) => proxy.refuse(&err),
+                    None => proxy.handle(req).await,
+                })
+            }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "proxy connection ended with an error");
+            }
+        });
+    }
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "grace period over; closing remaining proxy connections");
+        }
+    }
+}
+
+/// How many workers to run when `server.workers` is not set.
+pub(crate) fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
