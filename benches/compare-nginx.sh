@@ -129,17 +129,30 @@ peak_kib() {
   echo "$total"
 }
 
-run_wrk() { # name port round
+# CPU time (user + system, in clock ticks) of a process and its children.
+cpu_ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0) ))
+  done
+  echo "$total"
+}
+
+run_wrk() { # name port round pid
+  local before after
+  before=$(cpu_ticks "$4")
   wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/2024-10/advertisers/me" > "$work/$1.$3.txt" 2>&1
+  after=$(cpu_ticks "$4")
+  echo "cpu_ticks $(( after - before )) $(getconf CLK_TCK)" >> "$work/$1.$3.txt"
 }
 
 echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version)"
 echo "load: wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $ROUNDS alternating rounds"
-run_wrk warmup-nginx "$NGX" 0 || true
-run_wrk warmup-proxy "$CTP" 0 || true
+run_wrk warmup-nginx "$NGX" 0 "$NGX_PID" || true
+run_wrk warmup-proxy "$CTP" 0 "$CTP_PID" || true
 for r in $(seq "$ROUNDS"); do
-  if (( r % 2 )); then run_wrk nginx "$NGX" "$r"; run_wrk proxy "$CTP" "$r";
-  else run_wrk proxy "$CTP" "$r"; run_wrk nginx "$NGX" "$r"; fi
+  if (( r % 2 )); then run_wrk nginx "$NGX" "$r" "$NGX_PID"; run_wrk proxy "$CTP" "$r" "$CTP_PID";
+  else run_wrk proxy "$CTP" "$r" "$CTP_PID"; run_wrk nginx "$NGX" "$r" "$NGX_PID"; fi
 done
 
 python3 - "$work" "$ROUNDS" "$(peak_kib "$NGX_PID")" "$(peak_kib "$CTP_PID")" <<'EOF'
@@ -152,20 +165,23 @@ def parse(path):
     lat = {p: float(v) * unit[u] for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", t, re.M)}
     non2xx = int((re.search(r"Non-2xx or 3xx responses:\s+(\d+)", t) or [0, 0])[1])
     errs = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", t))
-    return rps, lat["50"], lat["99"], non2xx, errs
+    reqs = int(re.search(r"(\d+) requests in", t).group(1))
+    ticks, hz = map(int, re.search(r"cpu_ticks (\d+) (\d+)", t).groups())
+    cpu_us = ticks / hz * 1e6 / max(reqs, 1)
+    return rps, lat["50"], lat["99"], non2xx, errs, cpu_us
 rows = {n: [parse(f"{work}/{n}.{r}.txt") for r in range(1, rounds + 1)] for n in ("nginx", "proxy")}
-print(f"\n{'round':>5} {'':>20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'errors':>7}")
+print(f"\n{'round':>5} {'':>20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'errors':>7} {'CPU us/req':>10}")
 for r in range(rounds):
     for n, label in (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy")):
-        rps, p50, p99, bad, errs = rows[n][r]
-        print(f"{r+1:>5} {label:>20} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {bad:>8} {errs:>7}")
-med = {n: [statistics.median(x[i] for x in rows[n]) for i in range(3)] for n in rows}
+        rps, p50, p99, bad, errs, cpu = rows[n][r]
+        print(f"{r+1:>5} {label:>20} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {bad:>8} {errs:>7} {cpu:>10.1f}")
+med = {n: [statistics.median(x[i] for x in rows[n]) for i in (0, 1, 2, 5)] for n in rows}
 tot = {n: (sum(x[3] for x in rows[n]), sum(x[4] for x in rows[n])) for n in rows}
 print("\nmedian over rounds:")
 for n, label, kib in (("nginx", "nginx (static token)", ngx_kib), ("proxy", "criteo-token-proxy", ctp_kib)):
-    rps, p50, p99 = med[n]
-    print(f"  {label:>20}: {rps:>9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms  non-2xx {tot[n][0]}  errors {tot[n][1]}  peak RSS {kib/1024:.1f} MiB")
+    rps, p50, p99, cpu = med[n]
+    print(f"  {label:>20}: {rps:>9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms  non-2xx {tot[n][0]}  errors {tot[n][1]}  CPU {cpu:.1f} us/req  peak RSS {kib/1024:.1f} MiB")
 print(f"\nratios (criteo-token-proxy / nginx): req/s {med['proxy'][0]/med['nginx'][0]:.2f}x  "
       f"p50 {med['proxy'][1]/med['nginx'][1]:.2f}x  p99 {med['proxy'][2]/med['nginx'][2]:.2f}x  "
-      f"peak RSS {ctp_kib/max(ngx_kib,1):.2f}x")
+      f"CPU/req {med['proxy'][3]/med['nginx'][3]:.2f}x  peak RSS {ctp_kib/max(ngx_kib,1):.2f}x")
 EOF

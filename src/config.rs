@@ -438,6 +438,11 @@ impl Config {
         raw.validate()
     }
 
+    /// Parses TOML text, then the environment over it (`--dev`).
+    pub fn from_toml_with_env(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(text)).merge(env_provider()))
+    }
+
     /// Parses TOML text (no environment), for tests and embedding.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         Self::from_figment(Figment::from(Toml::string(text)))

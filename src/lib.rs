@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dev;
 pub mod error;
 pub mod metrics;
 pub mod oauth;

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use criteo_token_proxy::config::{Grant, SecretSource};
+use criteo_token_proxy::dev;
 use criteo_token_proxy::oauth::consent;
 use criteo_token_proxy::{Config, Listeners, run};
 use secrecy::ExposeSecret;
@@ -29,6 +30,12 @@ struct Cli {
     /// Log format: human-readable text, or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CRITEO_PROXY_LOG_FORMAT")]
     log_format: LogFormat,
+
+    /// Run a sandbox: an embedded stand-in for Criteo on loopback and the
+    /// proxy in front of it, with a demo tenant. No credentials needed;
+    /// nothing reaches Criteo.
+    #[arg(long, conflicts_with = "config")]
+    dev: bool,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -85,6 +92,13 @@ fn main() -> ExitCode {
             Err(code) => code,
         };
     }
+    if cli.dev {
+        if cli.command.is_some() {
+            eprintln!("criteo-token-proxy: --dev runs the sandbox and takes no subcommand");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        return run_dev(cli.log_format);
+    }
     let config = match load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
@@ -116,6 +130,72 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        match run(config, listeners, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// `--dev`: the sandbox stand-in and the real proxy in front of it.
+fn run_dev(log_format: LogFormat) -> ExitCode {
+    init_tracing(log_format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("criteo-token-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let upstream = match dev::start().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("cannot start the sandbox: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let config = match Config::from_toml_with_env(&dev::config_toml(upstream)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("criteo-token-proxy: invalid configuration:");
+                for p in &e.problems {
+                    eprintln!("  {p}");
+                }
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let listeners = match Listeners::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let (proxy, admin) = (addr(&listeners.proxy), addr(&listeners.admin));
+        tracing::warn!(
+            sandbox = %upstream,
+            "SANDBOX MODE (--dev): requests go to an embedded stand-in for Criteo with fake tokens and data, never to Criteo"
+        );
+        println!(
+            "\ncriteo-token-proxy sandbox: a stand-in for Criteo runs on {upstream}; nothing reaches Criteo.\n\
+             Try:\n\
+             \x20 curl -s http://{proxy}/2024-10/advertisers/me\n\
+             \x20 curl -s http://{proxy}/2024-10/retail-media/accounts\n\
+             \x20 curl -s -X POST http://{proxy}/2024-10/statistics/report -d '{{\"dimensions\":[\"Day\"]}}'\n\
+             \x20 curl -s http://{admin}/tenants            # the demo tenant, its token's expiry\n\
+             \x20 curl -s -X POST http://{proxy}/sandbox/revoke-tokens   # then call again: 401, fresh token, replayed\n\
+             \x20 curl -s http://{admin}/metrics | grep criteo_proxy\n\
+             Tokens live {}s and are renewed in the background. Ctrl-C to stop.\n",
+            dev::TOKEN_LIFETIME.as_secs()
+        );
         match run(config, listeners, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -38,8 +38,17 @@ pub struct Running {
 
 impl Running {
     pub async fn start(config: &Path, rust_log: &str) -> Self {
-        let mut child = command()
-            .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        Self::start_with(&["--config", config.to_str().unwrap()], &[], rust_log).await
+    }
+
+    /// Starts the binary with `args` (and `--log-format json`) and `env`.
+    pub async fn start_with(args: &[&str], env: &[(&str, &str)], rust_log: &str) -> Self {
+        let mut cmd = command();
+        cmd.args(args).args(["--log-format", "json"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
