@@ -54,6 +54,10 @@ struct RawServer {
     shutdown_grace: Duration,
     allowed_clients: Option<Vec<IpNet>>,
     workers: Option<usize>,
+    max_connections: usize,
+    max_header_bytes: bytesize::ByteSize,
+    #[serde(with = "humantime_serde")]
+    header_read_timeout: Duration,
 }
 
 impl Default for RawServer {
@@ -67,6 +71,9 @@ impl Default for RawServer {
             shutdown_grace: Duration::from_secs(20),
             allowed_clients: None,
             workers: None,
+            max_connections: 10_000,
+            max_header_bytes: bytesize::ByteSize::kib(64),
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -231,6 +238,12 @@ pub struct ServerConfig {
     pub allowed_clients: Option<Vec<IpNet>>,
     /// Threads serving the proxy listener (default: one per CPU).
     pub workers: Option<usize>,
+    /// Open proxy connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers) read.
+    pub max_header_bytes: usize,
+    /// A client must send its request head within this time.
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -472,6 +485,13 @@ impl Config {
         if let Some(w) = s.workers {
             let _ = writeln!(out, "workers = {w}");
         }
+        let _ = writeln!(out, "max_connections = {}", s.max_connections);
+        let _ = writeln!(out, "max_header_bytes = {}", s.max_header_bytes);
+        let _ = writeln!(
+            out,
+            "header_read_timeout = {}",
+            q(&humantime::format_duration(s.header_read_timeout).to_string())
+        );
         if let Some(nets) = &s.allowed_clients {
             let list: Vec<String> = nets.iter().map(|n| q(&n.to_string())).collect();
             let _ = writeln!(out, "allowed_clients = [{}]", list.join(", "));
@@ -565,6 +585,17 @@ impl RawConfig {
             && !(1..=256).contains(&w)
         {
             bad("server.workers", format!("{w} must be between 1 and 256"));
+        }
+        if self.server.max_connections == 0 {
+            bad("server.max_connections", "must be at least 1".into());
+        }
+        let max_header_bytes =
+            usize::try_from(self.server.max_header_bytes.as_u64()).unwrap_or(usize::MAX);
+        if max_header_bytes < 8192 {
+            bad("server.max_header_bytes", "must be at least 8KiB".into());
+        }
+        if self.server.header_read_timeout.is_zero() {
+            bad("server.header_read_timeout", "must be more than 0s".into());
         }
         if self.server.shutdown_grace.is_zero() {
             bad("server.shutdown_grace", "must be more than 0s".into());
@@ -786,6 +817,9 @@ impl RawConfig {
                 shutdown_grace: self.server.shutdown_grace,
                 allowed_clients: self.server.allowed_clients,
                 workers: self.server.workers,
+                max_connections: self.server.max_connections,
+                max_header_bytes,
+                header_read_timeout: self.server.header_read_timeout,
             },
             upstream: UpstreamConfig {
                 url: upstream_url.expect("checked above"),

@@ -178,9 +178,27 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
 
     let url = format!("{}/slow?ms=800", proxy.proxy);
     let slow = tokio::spawn(async move { client().get(url).send().await.map(|r| r.status()) });
-    fake.wait_api_requests(1, Duration::from_secs(10)).await;
+    fake.wait_api_arrivals(1, Duration::from_secs(10)).await;
     proxy.signal("-TERM");
+    proxy
+        .wait_for_message("shutting down: finishing in-flight requests")
+        .await;
 
+    // Draining: readiness fails at once, new proxy connections are refused,
+    // the request in flight still completes.
+    let ready = client()
+        .get(format!("{}/readyz", proxy.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(
+        client()
+            .get(format!("{}/x", proxy.proxy))
+            .send()
+            .await
+            .is_err()
+    );
     assert_eq!(
         slow.await.unwrap().unwrap(),
         200,
@@ -274,5 +292,44 @@ async fn no_secret_or_token_ever_reaches_the_logs() {
     assert!(fake.issued_tokens().len() >= 3);
     for s in secrets {
         assert!(!logs.contains(&s), "{s} appears in the logs");
+    }
+}
+
+#[tokio::test]
+async fn one_access_log_line_per_request_with_the_query_only_at_debug() {
+    let fake = FakeCriteo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "proxy.toml", &config_for(&fake, ""));
+    for (level, query_logged) in [
+        ("info", false),
+        ("info,criteo_token_proxy::access=debug", true),
+    ] {
+        let mut proxy = Running::start(&path, level).await;
+        proxy.wait_for_message("access token obtained").await;
+        let resp = client()
+            .post(format!(
+                "{}/2024-10/advertisers/me?advertiser-id=4242",
+                proxy.proxy
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let line = proxy.wait_for_message("request").await;
+        let f = &line["fields"];
+        assert_eq!(line["target"], "criteo_token_proxy::access");
+        assert_eq!(f["tenant"], "main");
+        assert_eq!(f["method"], "POST");
+        assert_eq!(f["path"], "/2024-10/advertisers/me");
+        assert_eq!(f["status"], 200);
+        assert!(f["total_ms"].as_f64().unwrap() >= f["upstream_ms"].as_f64().unwrap());
+        assert!(f["upstream_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            proxy.all_logs().contains("advertiser-id=4242"),
+            query_logged,
+            "the query string appears only at debug level"
+        );
+        proxy.signal("-TERM");
+        assert_eq!(proxy.wait_exit().await, 0);
     }
 }

@@ -663,7 +663,7 @@ async fn shutdown_lets_an_in_flight_request_finish() {
     let proxy = TestProxy::ready(&fake).await;
     let url = format!("{}/slow?ms=700", proxy.url);
     let slow = tokio::spawn(async move { client().get(url).send().await.unwrap().status() });
-    fake.wait_api_requests(1, Duration::from_secs(5)).await;
+    fake.wait_api_arrivals(1, Duration::from_secs(5)).await;
     let proxy_url = proxy.url.clone();
     proxy.stop().await;
     assert_eq!(slow.await.unwrap(), 200, "the in-flight request completed");
@@ -785,4 +785,31 @@ async fn lazy_tenants_fetch_their_first_token_on_first_use() {
     )
     .await;
     assert_eq!(tenants["tenants"][0]["state"], "ready");
+}
+
+#[tokio::test]
+async fn oversized_headers_get_a_431_and_the_connection_limit_holds() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .server("max_header_bytes = \"8KiB\"")
+        .server("max_connections = 1")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    let resp = client()
+        .get(format!("{}/x", proxy.url))
+        .header("x-big", "a".repeat(16 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 431);
+    assert!(fake.seen().is_empty());
+
+    // One connection held open: a second one is closed at once.
+    let held = tokio::net::TcpStream::connect(proxy.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let refused = client().get(format!("{}/x", proxy.url)).send().await;
+    assert!(refused.is_err(), "over server.max_connections");
+    drop(held);
 }

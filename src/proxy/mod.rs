@@ -13,6 +13,7 @@ use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
+use tracing::Level;
 
 pub use body::{OutBody, Prepared, prepare};
 
@@ -91,9 +92,12 @@ impl Proxy {
             tracing::debug!(tenant = requested, error = %err, "request refused");
             return err.to_response(requested).map(Either::Right);
         };
-        let tenant = Arc::clone(tenant);
-        let method = req.method().clone();
-        let resp = match self.forward(&tenant, req).await {
+        // The access log line costs a URI refcount and two clock reads; it
+        // is skipped when its target is filtered out.
+        let access = tracing::enabled!(target: ACCESS_LOG, Level::INFO)
+            .then(|| (req.method().clone(), req.uri().clone()));
+        let mut upstream_time = access.as_ref().map(|_| Duration::ZERO);
+        let resp = match self.forward(tenant, req, &mut upstream_time).await {
             Ok(resp) => resp,
             Err(err) => {
                 tracing::debug!(tenant = &*tenant.name, error = %err, "request failed");
@@ -102,13 +106,9 @@ impl Proxy {
         };
         let elapsed = started.elapsed();
         tenant.metrics.request(resp.status(), elapsed.as_secs_f64());
-        tracing::debug!(
-            tenant = &*tenant.name,
-            %method,
-            status = resp.status().as_u16(),
-            latency = ?elapsed,
-            "request"
-        );
+        if let Some((method, uri)) = access {
+            access_log(tenant, &method, &uri, resp.status(), elapsed, upstream_time);
+        }
         resp
     }
 
@@ -122,6 +122,7 @@ impl Proxy {
         &self,
         tenant: &Tenant,
         req: Request<Incoming>,
+        upstream_time: &mut Option<Duration>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         headers::sanitize_request(&mut parts.headers, &self.tenant_header);
@@ -150,7 +151,10 @@ impl Proxy {
         let bytes = match body {
             Prepared::Streaming(body) => {
                 let req = outgoing(parts.method, uri, parts.headers, body);
-                return Ok(self.send(tenant, req).await?.map(Either::Left));
+                return Ok(self
+                    .send(tenant, req, upstream_time)
+                    .await?
+                    .map(Either::Left));
             }
             Prepared::Replayable(bytes) => bytes,
         };
@@ -161,7 +165,7 @@ impl Proxy {
             parts.headers.clone(),
             OutBody::full(bytes.clone()),
         );
-        let resp = self.send(tenant, first).await?;
+        let resp = self.send(tenant, first, upstream_time).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp.map(Either::Left));
         }
@@ -183,7 +187,10 @@ impl Proxy {
             .map_err(|u| unavailable(tenant, u))?;
         parts.headers.insert(AUTHORIZATION, fresh.header().clone());
         let second = outgoing(parts.method, uri, parts.headers, OutBody::full(bytes));
-        Ok(self.send(tenant, second).await?.map(Either::Left))
+        Ok(self
+            .send(tenant, second, upstream_time)
+            .await?
+            .map(Either::Left))
     }
 
     /// A 403 is not cured by a new token (an administrator may have revoked
@@ -202,9 +209,15 @@ impl Proxy {
         &self,
         tenant: &Tenant,
         req: Request<OutBody>,
+        upstream_time: &mut Option<Duration>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let timeout = self.upstream.timeout();
-        match tokio::time::timeout(timeout, self.upstream.client().request(req)).await {
+        let sent = upstream_time.map(|_| Instant::now());
+        let answer = tokio::time::timeout(timeout, self.upstream.client().request(req)).await;
+        if let (Some(total), Some(sent)) = (upstream_time.as_mut(), sent) {
+            *total += sent.elapsed();
+        }
+        match answer {
             Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
             Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
             Ok(Ok(mut resp)) => {
@@ -226,6 +239,48 @@ fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: OutBody) -> Requ
     // The pool picks HTTP/2 by ALPN; an HTTP/1.1 request rides either.
     *req.version_mut() = Version::HTTP_11;
     req
+}
+
+/// The target of the one line logged per request.
+pub const ACCESS_LOG: &str = "criteo_token_proxy::access";
+
+/// One line per request: tenant, method, path, status, total and upstream
+/// latency (time to response headers). The query string can carry
+/// identifiers, so it is logged only at debug level.
+fn access_log(
+    tenant: &Tenant,
+    method: &Method,
+    uri: &Uri,
+    status: StatusCode,
+    total: Duration,
+    upstream: Option<Duration>,
+) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let upstream_ms = upstream.map_or(0.0, ms);
+    if tracing::enabled!(target: ACCESS_LOG, Level::DEBUG) {
+        tracing::debug!(
+            target: ACCESS_LOG,
+            tenant = &*tenant.name,
+            method = method.as_str(),
+            path = uri.path(),
+            query = uri.query().unwrap_or(""),
+            status = status.as_u16(),
+            total_ms = ms(total),
+            upstream_ms,
+            "request"
+        );
+    } else {
+        tracing::info!(
+            target: ACCESS_LOG,
+            tenant = &*tenant.name,
+            method = method.as_str(),
+            path = uri.path(),
+            status = status.as_u16(),
+            total_ms = ms(total),
+            upstream_ms,
+            "request"
+        );
+    }
 }
 
 fn unavailable(tenant: &Tenant, u: Unavailable) -> ProxyError {

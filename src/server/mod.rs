@@ -83,6 +83,7 @@ pub struct App {
     proxy: Proxy,
     upstream: UpstreamConfig,
     workers: usize,
+    limits: worker::Limits,
     admin: Arc<Admin>,
     tenants: Arc<Tenants>,
     sources: Vec<TokenSource>,
@@ -150,6 +151,11 @@ impl App {
             proxy,
             upstream: config.upstream.clone(),
             workers: config.server.workers.unwrap_or_else(worker::default_count),
+            limits: worker::Limits {
+                max_connections: config.server.max_connections,
+                max_header_bytes: config.server.max_header_bytes,
+                header_read_timeout: config.server.header_read_timeout,
+            },
             admin,
             tenants,
             sources,
@@ -190,6 +196,7 @@ impl App {
             &self.proxy,
             &self.upstream,
             self.shutdown_grace,
+            &self.limits,
         ) {
             Ok(w) => w,
             Err(e) => {
@@ -198,47 +205,73 @@ impl App {
             }
         };
         let graceful = GracefulShutdown::new();
-        let builder = worker::http_builder();
+        let builder = worker::http_builder(&self.limits);
+        let connections = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
+        let serve_admin = |stream: tokio::net::TcpStream| {
+            let admin = Arc::clone(&self.admin);
+            let svc = service_fn(move |req| {
+                let admin = Arc::clone(&admin);
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            });
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                }
+            });
+        };
 
+        let Listeners {
+            proxy: proxy_listener,
+            admin: admin_listener,
+        } = listeners;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                accepted = listeners.proxy.accept() => {
+                accepted = proxy_listener.accept() => {
                     let Some((stream, peer)) = accepted_or_pause(accepted).await else { continue };
-                    workers.dispatch(stream, self.refuses(peer));
+                    // Over the connection limit, a connection is closed at once.
+                    let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                        tracing::warn!(limit = self.limits.max_connections, "server.max_connections reached; connection refused");
+                        continue;
+                    };
+                    workers.dispatch(stream, self.refuses(peer), permit);
                 }
-                accepted = listeners.admin.accept() => {
+                accepted = admin_listener.accept() => {
                     let Some((stream, _)) = accepted_or_pause(accepted).await else { continue };
-                    let admin = Arc::clone(&self.admin);
-                    let svc = service_fn(move |req| {
-                        let admin = Arc::clone(&admin);
-                        async move { Ok::<_, Infallible>(admin.handle(req).await) }
-                    });
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "admin connection ended with an error");
-                        }
-                    });
+                    serve_admin(stream);
                 }
                 () = &mut shutdown => break,
             }
         }
 
-        // Stage 1: refuse new connections, report not ready.
+        // Stage 1: refuse new proxy connections; /readyz answers 503 at once
+        // (the admin listener stays open so probes see it).
         self.admin.begin_shutdown();
-        drop(listeners);
+        drop(proxy_listener);
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: finishing in-flight requests");
-        // Stage 2: let open connections finish, within the grace period
-        // (each worker bounds its own wait).
-        let admin_drain = async {
+        // Stage 2: in-flight requests finish within the grace period (each
+        // worker bounds its own wait), while the admin listener answers.
+        let drain = workers.shutdown();
+        tokio::pin!(drain);
+        loop {
             tokio::select! {
-                () = graceful.shutdown() => {}
-                () = tokio::time::sleep(self.shutdown_grace) => {}
+                () = &mut drain => break,
+                accepted = admin_listener.accept() => {
+                    if let Some((stream, _)) = accepted_or_pause(accepted).await {
+                        serve_admin(stream);
+                    }
+                }
             }
-        };
-        tokio::join!(workers.shutdown(), admin_drain);
+        }
+        drop(admin_listener);
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
         tracing::info!("connections closed");
         // Stage 3: stop the refreshers.
         let _ = stop_tx.send(true);

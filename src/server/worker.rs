@@ -17,17 +17,27 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::proxy::Proxy;
 use crate::upstream::Upstream;
 
-/// A connection handed to a worker, with the verdict of the allow-list.
+/// A connection handed to a worker, with the verdict of the allow-list and
+/// its place under `server.max_connections` (given back when it closes).
 struct Handoff {
     stream: std::net::TcpStream,
     refused: Option<Arc<ProxyError>>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Inbound limits, from `[server]`.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub(crate) max_connections: usize,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) header_read_timeout: Duration,
 }
 
 /// The proxy's worker threads.
@@ -46,13 +56,19 @@ impl std::fmt::Debug for Handoff {
 }
 
 /// The HTTP/1.1 + HTTP/2 server settings both listeners use.
-pub(crate) fn http_builder() -> auto::Builder<TokioExecutor> {
+pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new());
+        // A client that does not finish its headers in time is dropped
+        // (slowloris); headers larger than the buffer get a 431.
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }
 
@@ -63,6 +79,7 @@ impl Workers {
         proxy: &Proxy,
         upstream: &UpstreamConfig,
         grace: Duration,
+        limits: &Limits,
     ) -> std::io::Result<Self> {
         let (stop, stop_rx) = watch::channel(false);
         let mut senders = Vec::with_capacity(count);
@@ -73,6 +90,7 @@ impl Workers {
             let proxy = proxy.clone();
             let upstream = upstream.clone();
             let stop_rx = stop_rx.clone();
+            let limits = limits.clone();
             std::thread::Builder::new()
                 .name(format!("proxy-worker-{i}"))
                 .spawn(move || {
@@ -86,7 +104,7 @@ impl Workers {
                             return;
                         }
                     };
-                    rt.block_on(serve(rx, proxy, upstream, stop_rx, grace));
+                    rt.block_on(serve(rx, proxy, upstream, stop_rx, grace, limits));
                     drop(rt);
                     let _ = done_tx.send(());
                 })?;
@@ -106,13 +124,18 @@ impl Workers {
         &mut self,
         stream: tokio::net::TcpStream,
         refused: Option<Arc<ProxyError>>,
+        permit: OwnedSemaphorePermit,
     ) {
         let Ok(stream) = stream.into_std() else {
             return;
         };
         let i = self.next % self.senders.len();
         self.next = self.next.wrapping_add(1);
-        if let Err(mpsc::error::SendError(h)) = self.senders[i].send(Handoff { stream, refused }) {
+        if let Err(mpsc::error::SendError(h)) = self.senders[i].send(Handoff {
+            stream,
+            refused,
+            permit,
+        }) {
             // That worker died; give the connection to one that runs.
             self.retry(h);
         }
@@ -145,6 +168,7 @@ async fn serve(
     upstream: UpstreamConfig,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
+    limits: Limits,
 ) {
     // The pool is made on this thread, so its connections stay here.
     let proxy = match Upstream::new(&upstream) {
@@ -154,7 +178,7 @@ async fn serve(
             return;
         }
     };
-    let builder = http_builder();
+    let builder = http_builder(&limits);
     let graceful = GracefulShutdown::new();
     loop {
         let handoff = tokio::select! {
@@ -168,6 +192,7 @@ async fn serve(
             continue;
         };
         let refused = handoff.refused;
+        let permit = handoff.permit;
         let proxy = Arc::clone(&proxy);
         let svc = service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
@@ -187,6 +212,7 @@ async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "proxy connection ended with an error");
             }
+            drop(permit);
         });
     }
     tokio::select! {

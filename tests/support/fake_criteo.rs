@@ -77,6 +77,8 @@ pub struct State {
     expired_presented: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     api_requests: watch::Sender<usize>,
+    /// Counted when a request arrives, before it is answered.
+    api_arrivals: watch::Sender<usize>,
     release: Notify,
     refresh_tokens: Mutex<HashMap<String, Refresh>>,
     /// Every refresh token presented, in order.
@@ -157,7 +159,16 @@ impl FakeCriteo {
             .unwrap();
     }
 
-    /// Waits until the API has received `n` requests.
+    /// Waits until `n` API requests have arrived (answered or not).
+    pub async fn wait_api_arrivals(&self, n: usize, within: Duration) {
+        let mut rx = self.state.api_arrivals.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|c| *c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("fewer than {n} API requests arrived within {within:?}"))
+            .unwrap();
+    }
+
+    /// Waits until the API has answered `n` requests.
     pub async fn wait_api_requests(&self, n: usize, within: Duration) {
         let mut rx = self.state.api_requests.subscribe();
         tokio::time::timeout(within, rx.wait_for(|c| *c >= n))
@@ -313,6 +324,7 @@ impl Builder {
             expired_presented: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
             api_requests: watch::Sender::new(0),
+            api_arrivals: watch::Sender::new(0),
             release: Notify::new(),
             refresh_tokens: Mutex::new(HashMap::new()),
             refresh_presented: Mutex::new(Vec::new()),
@@ -605,6 +617,7 @@ fn criteo_401(code: &str) -> Response<Body> {
 }
 
 async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    st.api_arrivals.send_modify(|c| *c += 1);
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
