@@ -62,7 +62,7 @@ async fn proxy(upstream: &str) -> String {
     };
     let url = format!("http://{}", listeners.proxy.local_addr().unwrap());
     let app = App::new(config).unwrap();
-    let tenants = std::sync::Arc::clone(app.tenants());
+    let tenants = app.tenants();
     tokio::spawn(app.run(listeners, std::future::pending()));
     for t in tenants.iter() {
         t.tokens

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use criteo_token_proxy::config::{Grant, SecretSource};
 use criteo_token_proxy::dev;
 use criteo_token_proxy::oauth::consent;
-use criteo_token_proxy::{Config, Listeners, run};
+use criteo_token_proxy::{App, Config, Listeners, run};
 use secrecy::ExposeSecret;
 use tracing_subscriber::EnvFilter;
 use url::Url;
@@ -99,6 +99,7 @@ fn main() -> ExitCode {
         }
         return run_dev(cli.log_format);
     }
+    let config_path = cli.config.clone();
     let config = match load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
@@ -130,13 +131,21 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match run(config, listeners, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
+        let app = match App::new(config) {
+            Ok(app) => app,
             Err(e) => {
                 tracing::error!("{e}");
-                ExitCode::FAILURE
+                return ExitCode::FAILURE;
             }
-        }
+        };
+        // SIGHUP, or a change to the file or a secret file it names,
+        // reloads the configuration.
+        let app = match config_path {
+            Some(path) => app.reload_from(path),
+            None => app,
+        };
+        app.run(listeners, shutdown_signal()).await;
+        ExitCode::SUCCESS
     })
 }
 

@@ -1,13 +1,19 @@
 //! Tenants: one Criteo credential each, with its token cell and metric
-//! handles, looked up by name on every request.
+//! handles, looked up by name on every request. The set is replaced whole
+//! on a configuration reload ([`Tenants::rebuild`]); a tenant whose
+//! settings did not change keeps its `Arc<Tenant>`, and so its token.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::config::{Config, Grant};
+use arc_swap::ArcSwapOption;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, Grant, SecretSource, TenantConfig};
 use crate::metrics::{Metrics, TenantMetrics};
-use crate::token::TokenCell;
+use crate::token::{RefreshGrant, TokenCell};
 
 #[derive(Debug)]
 pub struct Tenant {
@@ -17,6 +23,12 @@ pub struct Tenant {
     pub metrics: TenantMetrics,
     /// Set once the first upstream 403 has been logged.
     pub warned_forbidden: AtomicBool,
+    /// Refresh-token tenants: the grant that holds the rotating token
+    /// (onboarding hands it a code). Replaced when the refresher restarts.
+    pub refresh: ArcSwapOption<RefreshGrant>,
+    /// What the tenant was built from; a reload keeps the tenant only if
+    /// this is unchanged. Secrets enter it hashed.
+    fingerprint: String,
 }
 
 /// Every configured tenant, by name, plus the default.
@@ -28,21 +40,90 @@ pub struct Tenants {
     default: Option<Arc<Tenant>>,
 }
 
+/// What a rebuild decided for each tenant.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Tenants (new, or rebuilt because their settings changed) whose
+    /// refresher must start, with their configuration.
+    pub start: Vec<(Arc<Tenant>, TenantConfig)>,
+    /// Names whose running refresher must stop (removed or rebuilt).
+    pub stop: Vec<Arc<str>>,
+}
+
+fn fingerprint(t: &TenantConfig) -> String {
+    let secret = |s: &SecretSource| match s {
+        SecretSource::Inline(v) => {
+            format!(
+                "inline:{}",
+                hex::encode(Sha256::digest(v.expose_secret().as_bytes()))
+            )
+        }
+        SecretSource::File(p) => format!("file:{}", p.display()),
+    };
+    format!(
+        "{}|{}|{}|{}|{}",
+        t.grant.as_str(),
+        t.client_id,
+        secret(&t.client_secret),
+        t.redirect_uri.as_deref().unwrap_or(""),
+        t.seed_refresh_token
+            .as_ref()
+            .map(secret)
+            .unwrap_or_default()
+    )
+}
+
+impl Tenant {
+    fn new(t: &TenantConfig, lazy: bool, metrics: &Metrics) -> Self {
+        Tenant {
+            name: t.name.as_str().into(),
+            grant: t.grant,
+            tokens: TokenCell::new(lazy),
+            metrics: metrics.tenant(&t.name),
+            warned_forbidden: AtomicBool::new(false),
+            refresh: ArcSwapOption::empty(),
+            fingerprint: fingerprint(t),
+        }
+    }
+}
+
 impl Tenants {
     pub fn new(config: &Config, metrics: &Metrics) -> Self {
-        let ordered: Vec<Arc<Tenant>> = config
-            .tenants
-            .iter()
-            .map(|t| {
-                Arc::new(Tenant {
-                    name: t.name.as_str().into(),
-                    grant: t.grant,
-                    tokens: TokenCell::new(config.refresh.lazy),
-                    metrics: metrics.tenant(&t.name),
-                    warned_forbidden: AtomicBool::new(false),
-                })
-            })
-            .collect();
+        Self::rebuild(config, metrics, None).0
+    }
+
+    /// The tenants of `config`, reusing from `previous` every tenant whose
+    /// settings are unchanged.
+    pub fn rebuild(
+        config: &Config,
+        metrics: &Metrics,
+        previous: Option<&Tenants>,
+    ) -> (Self, Changes) {
+        let mut changes = Changes::default();
+        let mut ordered = Vec::with_capacity(config.tenants.len());
+        for t in &config.tenants {
+            let kept = previous
+                .and_then(|p| p.by_name.get(t.name.as_str()))
+                .filter(|old| old.fingerprint == fingerprint(t));
+            match kept {
+                Some(old) => ordered.push(Arc::clone(old)),
+                None => {
+                    let tenant = Arc::new(Tenant::new(t, config.refresh.lazy, metrics));
+                    if previous.is_some_and(|p| p.by_name.contains_key(t.name.as_str())) {
+                        changes.stop.push(Arc::clone(&tenant.name));
+                    }
+                    changes.start.push((Arc::clone(&tenant), t.clone()));
+                    ordered.push(tenant);
+                }
+            }
+        }
+        if let Some(p) = previous {
+            for old in &p.ordered {
+                if !config.tenants.iter().any(|t| *t.name == *old.name) {
+                    changes.stop.push(Arc::clone(&old.name));
+                }
+            }
+        }
         let by_name = ordered
             .iter()
             .map(|t| (Box::from(&*t.name), Arc::clone(t)))
@@ -52,11 +133,14 @@ impl Tenants {
             .default_tenant
             .as_deref()
             .and_then(|d| by_name.get(d).cloned());
-        Self {
-            by_name,
-            ordered,
-            default,
-        }
+        (
+            Self {
+                by_name,
+                ordered,
+                default,
+            },
+            changes,
+        )
     }
 
     /// The tenant a request names, or the default when it names none.
@@ -74,6 +158,10 @@ impl Tenants {
                 }
             }),
         }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.by_name.get(name)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {

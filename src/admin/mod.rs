@@ -4,6 +4,8 @@
 pub mod onboarding;
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
@@ -25,14 +27,14 @@ const MAX_CALLBACK_BODY: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub struct Admin {
-    tenants: Arc<Tenants>,
+    tenants: Arc<ArcSwap<Tenants>>,
     metrics: Metrics,
     onboarding: Onboarding,
     shutting_down: AtomicBool,
 }
 
 impl Admin {
-    pub fn new(tenants: Arc<Tenants>, metrics: Metrics, onboarding: Onboarding) -> Self {
+    pub fn new(tenants: Arc<ArcSwap<Tenants>>, metrics: Metrics, onboarding: Onboarding) -> Self {
         Self {
             tenants,
             metrics,
@@ -57,7 +59,7 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
             (&Method::GET | &Method::HEAD, "/tenants") => json_response(
                 StatusCode::OK,
-                &json!({"tenants": self.tenants.iter().map(|t| describe(t)).collect::<Vec<_>>()}),
+                &json!({"tenants": self.tenants.load().iter().map(|t| describe(t)).collect::<Vec<_>>()}),
             ),
             (&Method::GET, "/oauth/authorize") => self.onboarding.authorize(query),
             (&Method::GET, "/oauth/callback") => self.onboarding.callback(query).await,
@@ -107,6 +109,7 @@ impl Admin {
         }
         let not_ready: Vec<Value> = self
             .tenants
+            .load()
             .iter()
             // An idle (lazy, never used) tenant does not hold readiness up.
             .filter(|t| t.tokens.usable().is_none() && t.tokens.health().state != State::Idle)
@@ -131,7 +134,7 @@ impl Admin {
 
     fn metrics(&self) -> Response<Full<Bytes>> {
         let now = Instant::now();
-        for t in self.tenants.iter() {
+        for t in self.tenants.load().iter() {
             let secs = t
                 .tokens
                 .usable()

@@ -11,6 +11,8 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -33,8 +35,7 @@ pub const SIGNATURE_HEADER: &str = "x-criteo-hmac-sha512";
 
 #[derive(Debug)]
 pub struct Onboarding {
-    tenants: Arc<Tenants>,
-    grants: HashMap<String, Arc<RefreshGrant>>,
+    tenants: Arc<ArcSwap<Tenants>>,
     consent_url: Url,
     consent: Option<ConsentConfig>,
     at_fraction: f64,
@@ -51,8 +52,7 @@ pub fn unix_now() -> u64 {
 
 impl Onboarding {
     pub fn new(
-        tenants: Arc<Tenants>,
-        grants: HashMap<String, Arc<RefreshGrant>>,
+        tenants: Arc<ArcSwap<Tenants>>,
         consent_url: Url,
         consent: Option<ConsentConfig>,
         at_fraction: f64,
@@ -60,13 +60,17 @@ impl Onboarding {
     ) -> Self {
         Self {
             tenants,
-            grants,
             consent_url,
             consent,
             at_fraction,
             metrics,
             used: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The refresh-token grant of a tenant, if it is one.
+    fn grant(&self, tenant: &str) -> Option<Arc<RefreshGrant>> {
+        self.tenants.load().get(tenant)?.refresh.load_full()
     }
 
     /// `GET /oauth/authorize?tenant=NAME`.
@@ -80,8 +84,8 @@ impl Onboarding {
                 None,
             );
         };
-        let Some(grant) = self.grants.get(&tenant) else {
-            let known = self.tenants.choose(Some(&tenant)).is_some();
+        let Some(grant) = self.grant(&tenant) else {
+            let known = self.tenants.load().get(&tenant).is_some();
             let msg = if known {
                 "this tenant uses client credentials: it needs no consent onboarding"
             } else {
@@ -169,7 +173,7 @@ impl Onboarding {
                 "The callback carries no code.",
             );
         };
-        let Some(t) = self.tenants.choose(Some(&tenant)) else {
+        let Some(t) = self.tenants.load().get(&tenant).cloned() else {
             return page(StatusCode::BAD_REQUEST, "Consent failed", "No such tenant.");
         };
         let requested_at = Instant::now();
@@ -222,8 +226,7 @@ impl Onboarding {
             .and_then(|b| String::from_utf8(b).ok())
             .ok_or_else(|| StateError::Malformed.to_string())?;
         let grant = self
-            .grants
-            .get(&tenant)
+            .grant(&tenant)
             .ok_or_else(|| StateError::Forged.to_string())?;
         let key = grant.state_key()?;
         let now = unix_now();
@@ -237,7 +240,7 @@ impl Onboarding {
         if used.insert(claims.nonce, claims.expires_at).is_some() {
             return Err("the state was already used".into());
         }
-        Ok((tenant, Arc::clone(grant)))
+        Ok((tenant, grant))
     }
 
     /// `POST /consent/callback`: Criteo's consent-delegation callback.

@@ -5,6 +5,8 @@ mod body;
 pub mod headers;
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -34,7 +36,8 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    tenants: Arc<Tenants>,
+    /// Replaced whole on a configuration reload.
+    tenants: Arc<ArcSwap<Tenants>>,
     upstream: Upstream,
     metrics: Metrics,
     tenant_header: HeaderName,
@@ -45,7 +48,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         config: &Config,
-        tenants: Arc<Tenants>,
+        tenants: Arc<ArcSwap<Tenants>>,
         upstream: Upstream,
         metrics: Metrics,
     ) -> Self {
@@ -77,7 +80,10 @@ impl Proxy {
                 Err(_) => Some("<not text>"),
             },
         };
-        let Some(tenant) = self.tenants.choose(requested) else {
+        // One refcount on the tenant, so the tenant set can be replaced
+        // while this request is under way.
+        let chosen = self.tenants.load().choose(requested).cloned();
+        let Some(tenant) = chosen else {
             let err = ProxyError::UnknownTenant(match requested {
                 Some(name) => format!(
                     "tenant {name:?} is not configured (header {})",
@@ -97,6 +103,7 @@ impl Proxy {
         let access = tracing::enabled!(target: ACCESS_LOG, Level::INFO)
             .then(|| (req.method().clone(), req.uri().clone()));
         let mut upstream_time = access.as_ref().map(|_| Duration::ZERO);
+        let tenant = &*tenant;
         let resp = match self.forward(tenant, req, &mut upstream_time).await {
             Ok(resp) => resp,
             Err(err) => {

@@ -6,33 +6,33 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
-
-use std::collections::HashMap;
 
 use crate::admin::{Admin, Onboarding};
-use crate::config::{Config, Grant, RefreshConfig, UpstreamConfig};
+use crate::config::{Config, Grant, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::oauth::TokenEndpoint;
 use crate::proxy::Proxy;
 use crate::store::{StoreError, TokenStore};
 use crate::tenant::Tenants;
-use crate::token::{RefreshGrant, TokenSource, refresher};
+
 use crate::upstream::{Upstream, UpstreamError};
 
+mod refreshers;
+mod reload;
 mod worker;
 
-/// Token requests in flight at once, across all tenants.
-const MAX_CONCURRENT_FETCHES: usize = 32;
+use refreshers::Refreshers;
+use reload::Reloader;
 
 /// The two sockets the proxy serves, bound by the caller (tests bind
 /// `127.0.0.1:0`, so they never race for ports).
@@ -85,11 +85,15 @@ pub struct App {
     workers: usize,
     limits: worker::Limits,
     admin: Arc<Admin>,
-    tenants: Arc<Tenants>,
-    sources: Vec<TokenSource>,
-    refresh: RefreshConfig,
+    tenants: Arc<ArcSwap<Tenants>>,
+    metrics: Metrics,
+    refreshers: Refreshers,
     shutdown_grace: Duration,
     allowed_clients: Option<Vec<ipnet::IpNet>>,
+    /// The configuration as loaded, kept for reloads.
+    config: Config,
+    /// Where to reload the configuration from (SIGHUP, file changes).
+    config_path: Option<PathBuf>,
 }
 
 impl App {
@@ -106,7 +110,7 @@ impl App {
             }
         }
         let metrics = Metrics::new(prometheus::Registry::new());
-        let tenants = Arc::new(Tenants::new(&config, &metrics));
+        let tenants = Arc::new(ArcSwap::from_pointee(Tenants::new(&config, &metrics)));
         let upstream = Upstream::new(&config.upstream)?;
         let endpoint = TokenEndpoint::new(
             config.upstream.token_url.clone(),
@@ -121,32 +125,20 @@ impl App {
             Some(path) if needs_store => Some(Arc::new(TokenStore::open(path)?)),
             _ => None,
         };
-        let mut grants = HashMap::new();
-        let mut sources = Vec::with_capacity(config.tenants.len());
-        for t in &config.tenants {
-            sources.push(match (t.grant, &store) {
-                (Grant::RefreshToken, Some(store)) => {
-                    let grant = Arc::new(RefreshGrant::new(t, endpoint.clone(), Arc::clone(store)));
-                    grants.insert(t.name.clone(), Arc::clone(&grant));
-                    TokenSource::RefreshToken(grant)
-                }
-                _ => TokenSource::ClientCredentials {
-                    endpoint: endpoint.clone(),
-                    client_id: t.client_id.clone(),
-                    client_secret: t.client_secret.clone(),
-                },
-            });
-        }
+        let refreshers = Refreshers::new(config.refresh.clone(), endpoint, store);
         let proxy = Proxy::new(&config, Arc::clone(&tenants), upstream, metrics.clone());
         let onboarding = Onboarding::new(
             Arc::clone(&tenants),
-            grants,
             config.upstream.consent_url.clone(),
             config.consent.clone(),
             config.refresh.at_fraction,
             metrics.clone(),
         );
-        let admin = Arc::new(Admin::new(Arc::clone(&tenants), metrics, onboarding));
+        let admin = Arc::new(Admin::new(
+            Arc::clone(&tenants),
+            metrics.clone(),
+            onboarding,
+        ));
         Ok(Self {
             proxy,
             upstream: config.upstream.clone(),
@@ -158,27 +150,42 @@ impl App {
             },
             admin,
             tenants,
-            sources,
-            refresh: config.refresh,
+            metrics,
+            refreshers,
             shutdown_grace: config.server.shutdown_grace,
-            allowed_clients: config.server.allowed_clients,
+            allowed_clients: config.server.allowed_clients.clone(),
+            config,
+            config_path: None,
         })
+    }
+
+    /// Reload the configuration from `path` on SIGHUP and when it, or a
+    /// secret file it names, changes.
+    pub fn reload_from(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
     }
 
     /// Serves until `shutdown` completes, then drains and returns.
     pub async fn run(mut self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut background = JoinSet::new();
-        let fetches = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES));
-        for (tenant, source) in self.tenants.iter().zip(std::mem::take(&mut self.sources)) {
-            background.spawn(refresher::run(
-                Arc::clone(tenant),
-                source,
-                self.refresh.clone(),
-                Arc::clone(&fetches),
-                stop_rx.clone(),
-            ));
+        let first = self.tenants.load_full();
+        for t in first.iter() {
+            if let Some(cfg) = self.config.tenants.iter().find(|c| *c.name == *t.name) {
+                self.refreshers.start(Arc::clone(t), cfg);
+            }
         }
+        let mut refreshers = self.refreshers;
+        let mut reloader = self.config_path.take().map(|path| {
+            Reloader::new(
+                path,
+                self.config,
+                Arc::clone(&self.tenants),
+                self.metrics.clone(),
+            )
+        });
+        let mut hangup = hangup_signal(reloader.is_some());
+        let mut poll = tokio::time::interval(reload::POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let addr = |l: &TcpListener| {
             l.local_addr()
@@ -187,7 +194,7 @@ impl App {
         tracing::info!(
             proxy = %addr(&listeners.proxy),
             admin = %addr(&listeners.admin),
-            tenants = self.tenants.len(),
+            tenants = first.len(),
             "listening"
         );
 
@@ -238,13 +245,24 @@ impl App {
                         tracing::warn!(limit = self.limits.max_connections, "server.max_connections reached; connection refused");
                         continue;
                     };
-                    workers.dispatch(stream, self.refuses(peer), permit);
+                    workers.dispatch(stream, refuses(self.allowed_clients.as_deref(), peer), permit);
                 }
                 accepted = admin_listener.accept() => {
                     let Some((stream, _)) = accepted_or_pause(accepted).await else { continue };
                     serve_admin(stream);
                 }
                 () = &mut shutdown => break,
+                Some(()) = recv(&mut hangup) => {
+                    if let Some(r) = reloader.as_mut() {
+                        r.reload(&mut refreshers, "SIGHUP").await;
+                    }
+                }
+                _ = poll.tick(), if reloader.is_some() => {
+                    if let Some(r) = reloader.as_mut()
+                        && r.files_changed() {
+                            r.reload(&mut refreshers, "a watched file changed").await;
+                        }
+                }
             }
         }
 
@@ -273,26 +291,27 @@ impl App {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         tracing::info!("connections closed");
-        // Stage 3: stop the refreshers.
-        let _ = stop_tx.send(true);
-        while background.join_next().await.is_some() {}
+        // Stage 3: stop the refreshers (each after its token request, if
+        // one is under way).
+        refreshers.stop_all().await;
     }
 
-    pub fn tenants(&self) -> &Arc<Tenants> {
-        &self.tenants
+    /// The current tenant set.
+    pub fn tenants(&self) -> Arc<Tenants> {
+        self.tenants.load_full()
     }
+}
 
-    /// The error a client at `peer` gets if `server.allowed_clients` leaves
-    /// it out.
-    fn refuses(&self, peer: SocketAddr) -> Option<Arc<ProxyError>> {
-        let nets = self.allowed_clients.as_ref()?;
-        let ip = peer.ip().to_canonical();
-        if nets.iter().any(|n| n.contains(&ip)) {
-            None
-        } else {
-            tracing::warn!(client = %ip, "connection from outside server.allowed_clients refused");
-            Some(Arc::new(ProxyError::ClientNotAllowed(ip)))
-        }
+/// The error a client at `peer` gets if `server.allowed_clients` leaves it
+/// out.
+fn refuses(allowed: Option<&[ipnet::IpNet]>, peer: SocketAddr) -> Option<Arc<ProxyError>> {
+    let nets = allowed?;
+    let ip = peer.ip().to_canonical();
+    if nets.iter().any(|n| n.contains(&ip)) {
+        None
+    } else {
+        tracing::warn!(client = %ip, "connection from outside server.allowed_clients refused");
+        Some(Arc::new(ProxyError::ClientNotAllowed(ip)))
     }
 }
 
@@ -304,6 +323,37 @@ pub async fn run(
 ) -> Result<(), StartError> {
     App::new(config)?.run(listeners, shutdown).await;
     Ok(())
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+/// SIGHUP, when reloading is on.
+fn hangup_signal(on: bool) -> Hangup {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if on {
+            return signal(SignalKind::hangup()).ok();
+        }
+        None
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = on;
+        None
+    }
+}
+
+/// The next SIGHUP; never, when there is no handler.
+async fn recv(hangup: &mut Hangup) -> Option<()> {
+    #[cfg(unix)]
+    if let Some(s) = hangup {
+        return s.recv().await;
+    }
+    std::future::pending().await
 }
 
 /// An accepted stream with `TCP_NODELAY`, or `None` after a short pause on
@@ -327,6 +377,7 @@ async fn accepted_or_pause(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::{TokenSource, refresher};
 
     #[test]
     fn an_idle_refresher_task_is_small() {
@@ -336,13 +387,23 @@ mod tests {
         )
         .unwrap();
         let app = App::new(cfg).unwrap();
-        let tenant = Arc::clone(app.tenants.iter().next().unwrap());
-        let source = app.sources.into_iter().next().unwrap();
-        let (_tx, rx) = watch::channel(false);
+        let tenant = Arc::clone(app.tenants().iter().next().unwrap());
+        let t = &app.config.tenants[0];
+        let source = TokenSource::ClientCredentials {
+            endpoint: TokenEndpoint::new(
+                app.config.upstream.token_url.clone(),
+                Duration::from_secs(1),
+                None,
+            )
+            .unwrap(),
+            client_id: t.client_id.clone(),
+            client_secret: t.client_secret.clone(),
+        };
+        let (_tx, rx) = tokio::sync::watch::channel(false);
         let fut = refresher::run(
             tenant,
             source,
-            app.refresh.clone(),
+            app.config.refresh.clone(),
             Arc::new(tokio::sync::Semaphore::new(1)),
             rx,
         );

@@ -40,11 +40,12 @@ pub async fn run(
 ) {
     let cell = &tenant.tokens;
     let name = &*tenant.name;
-    // A lazy tenant sleeps until its first request asks for a token.
-    let mut next = if cfg.lazy {
-        Instant::now() + NEVER
-    } else {
-        Instant::now()
+    // A token already in place (a refresher restarted by a reload) is
+    // renewed when due; a lazy tenant sleeps until its first request asks.
+    let mut next = match cell.current() {
+        Some(t) if t.is_usable_now() => t.refresh_at(),
+        _ if cfg.lazy => Instant::now() + NEVER,
+        _ => Instant::now(),
     };
     let mut failures: u32 = 0;
     let mut last_fetch: Option<Instant> = None;

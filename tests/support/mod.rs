@@ -201,7 +201,7 @@ impl ProxyBuilder {
         let config = Config::from_toml(&text)
             .unwrap_or_else(|e| panic!("test config is valid: {e}\n{text}"));
         let app = App::new(config).unwrap();
-        let tenants = Arc::clone(app.tenants());
+        let tenants = app.tenants();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run(listeners, async move {
             let _ = rx.await;
