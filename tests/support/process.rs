@@ -134,6 +134,11 @@ impl Running {
 }
 
 impl Running {
+    /// Waits for the next log line (or the end of the process's output).
+    pub async fn next_line(&mut self) {
+        let _ = self.seen.changed().await;
+    }
+
     /// `kill -9`: no chance to clean up.
     pub async fn kill9(&mut self) {
         self.child.start_kill().unwrap();

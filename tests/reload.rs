@@ -1,0 +1,173 @@
+//! Hot reload with the real binary: SIGHUP, a Kubernetes-style secret swap,
+//! and an invalid configuration kept out.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::process::{Running, write};
+use support::{FakeCriteo, client};
+
+fn config(fake: &FakeCriteo, tenants: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+default_tenant = "main"
+
+[upstream]
+url = "{}"
+token_url = "{}"
+
+{tenants}
+"#,
+        fake.url(),
+        fake.token_url()
+    )
+}
+
+const MAIN: &str = "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret = \"main-secret\"\n";
+const OTHER: &str = "[tenants.other]\ngrant = \"client_credentials\"\nclient_id = \"other-id\"\nclient_secret = \"other-secret\"\n";
+
+async fn status(proxy: &Running, tenant: &str) -> u16 {
+    client()
+        .get(format!("{}/x", proxy.proxy))
+        .header("x-criteo-tenant", tenant)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Waits for the n-th log line with this message.
+async fn wait_nth(proxy: &mut Running, message: &str, n: usize) {
+    let wait = async {
+        loop {
+            let count = proxy
+                .all_logs()
+                .lines()
+                .filter(|l| l.contains(&format!("\"message\":\"{message}\"")))
+                .count();
+            if count >= n {
+                return;
+            }
+            proxy.next_line().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {message:?} #{n}"));
+}
+
+fn rewrite(path: &Path, text: &str) {
+    // Written beside and renamed over, as editors and config managers do.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn sighup_adds_and_removes_tenants_and_keeps_an_invalid_config_out() {
+    let fake = FakeCriteo::builder()
+        .client("other-id", "other-secret")
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "proxy.toml", &config(&fake, MAIN));
+    let mut proxy = Running::start(&path, "info").await;
+    proxy.wait_for_message("access token obtained").await;
+    assert_eq!(status(&proxy, "other").await, 400);
+
+    // Add a tenant.
+    rewrite(&path, &config(&fake, &format!("{MAIN}{OTHER}")));
+    proxy.signal("-HUP");
+    wait_nth(&mut proxy, "configuration reloaded", 1).await;
+    assert_eq!(status(&proxy, "other").await, 200);
+    assert_eq!(status(&proxy, "main").await, 200);
+    let tokens_before = fake.token_requests();
+
+    // An invalid configuration is refused; the running one keeps serving.
+    rewrite(&path, "[server\nlisten = ");
+    proxy.signal("-HUP");
+    wait_nth(
+        &mut proxy,
+        "configuration reload rejected; the running configuration keeps serving",
+        1,
+    )
+    .await;
+    assert_eq!(status(&proxy, "other").await, 200);
+    assert_eq!(status(&proxy, "main").await, 200);
+    assert_eq!(
+        fake.token_requests(),
+        tokens_before,
+        "unchanged tenants keep their tokens"
+    );
+
+    // Remove one.
+    rewrite(
+        &path,
+        &config(&fake, OTHER).replace("default_tenant = \"main\"", "default_tenant = \"other\""),
+    );
+    proxy.signal("-HUP");
+    let reloads = proxy
+        .all_logs()
+        .lines()
+        .filter(|l| l.contains("\"message\":\"configuration reloaded\""))
+        .count();
+    wait_nth(&mut proxy, "configuration reloaded", reloads + 1).await;
+    assert_eq!(
+        status(&proxy, "main").await,
+        400,
+        "a removed tenant is unknown"
+    );
+    assert_eq!(status(&proxy, "other").await, 200);
+
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+}
+
+#[tokio::test]
+async fn a_swapped_secret_file_unsticks_a_tenant_with_rejected_credentials() {
+    let fake = FakeCriteo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Kubernetes' layout: secret -> ..data/secret, ..data -> ..2026_a
+    let a = dir.path().join("..2026_a");
+    std::fs::create_dir(&a).unwrap();
+    std::fs::write(a.join("client_secret"), "wrong-secret\n").unwrap();
+    std::os::unix::fs::symlink("..2026_a", dir.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/client_secret", dir.path().join("client_secret")).unwrap();
+    let tenant = format!(
+        "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret_file = \"{}\"\n",
+        dir.path().join("client_secret").display()
+    );
+    let path = write(dir.path(), "proxy.toml", &config(&fake, &tenant));
+    let mut proxy = Running::start(&path, "info").await;
+    fake.wait_token_requests(1, Duration::from_secs(10)).await;
+    proxy
+        .wait_for_message(
+            "token endpoint rejected this tenant's credentials; fix client_id/client_secret",
+        )
+        .await;
+    assert_eq!(status(&proxy, "main").await, 503);
+
+    // The new secret arrives the way the kubelet writes it: a new folder,
+    // then one atomic rename of the ..data link.
+    let b = dir.path().join("..2026_b");
+    std::fs::create_dir(&b).unwrap();
+    std::fs::write(b.join("client_secret"), "main-secret\n").unwrap();
+    std::os::unix::fs::symlink("..2026_b", dir.path().join("..data_tmp")).unwrap();
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+
+    wait_nth(&mut proxy, "configuration reloaded", 1).await;
+    proxy.wait_for_message("access token obtained").await;
+    assert_eq!(
+        status(&proxy, "main").await,
+        200,
+        "no restart, no five-minute wait"
+    );
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+}
