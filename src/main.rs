@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use criteo_token_proxy::config::{Grant, SecretSource};
 use criteo_token_proxy::dev;
 use criteo_token_proxy::oauth::consent;
-use criteo_token_proxy::{App, Config, Listeners, run};
+use criteo_token_proxy::{App, Config, Listeners};
 use secrecy::ExposeSecret;
 use tracing_subscriber::EnvFilter;
 use url::Url;
@@ -110,57 +110,62 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(cli.log_format);
-    // The proxy listener is served by its own worker threads (one
-    // single-threaded runtime each); this runtime runs the acceptor, the
-    // admin listener and the token refreshers, which are light.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    match main_runtime() {
+        Ok(runtime) => runtime.block_on(serve(config, config_path, |_| {})),
+        Err(code) => code,
+    }
+}
+
+/// The main runtime. The proxy listener is served by its own worker
+/// threads (one single-threaded runtime each); this one runs the acceptor,
+/// the admin listener and the token refreshers, which are light.
+fn main_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("criteo-token-proxy: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Binds the listeners, tells `announce` where, and serves until SIGTERM or
+/// SIGINT. With `reload`, SIGHUP or a change to that file (or a secret file
+/// it names) reloads the configuration.
+async fn serve(
+    config: Config,
+    reload: Option<PathBuf>,
+    announce: impl FnOnce(&Listeners),
+) -> ExitCode {
+    let listeners = match Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
-        let listeners = match Listeners::bind(&config).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let app = match App::new(config) {
-            Ok(app) => app,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        // SIGHUP, or a change to the file or a secret file it names,
-        // reloads the configuration.
-        let app = match config_path {
-            Some(path) => app.reload_from(path),
-            None => app,
-        };
-        app.run(listeners, shutdown_signal()).await;
-        ExitCode::SUCCESS
-    })
+    let app = match App::new(config) {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    announce(&listeners);
+    let app = match reload {
+        Some(path) => app.reload_from(path),
+        None => app,
+    };
+    app.run(listeners, shutdown_signal()).await;
+    ExitCode::SUCCESS
 }
 
 /// `--dev`: the sandbox stand-in and the real proxy in front of it.
 fn run_dev(log_format: LogFormat) -> ExitCode {
     init_tracing(log_format);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match main_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("criteo-token-proxy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let upstream = match dev::start().await {
@@ -180,38 +185,29 @@ fn run_dev(log_format: LogFormat) -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        let listeners = match Listeners::bind(&config).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let (proxy, admin) = (addr(&listeners.proxy), addr(&listeners.admin));
-        tracing::warn!(
-            sandbox = %upstream,
-            "SANDBOX MODE (--dev): requests go to an embedded stand-in for Criteo with fake tokens and data, never to Criteo"
-        );
-        println!(
-            "\ncriteo-token-proxy sandbox: a stand-in for Criteo runs on {upstream}; nothing reaches Criteo.\n\
-             Try:\n\
-             \x20 curl -s http://{proxy}/2024-10/advertisers/me\n\
-             \x20 curl -s http://{proxy}/2024-10/retail-media/accounts\n\
-             \x20 curl -s -X POST http://{proxy}/2024-10/statistics/report -d '{{\"dimensions\":[\"Day\"]}}'\n\
-             \x20 curl -s http://{admin}/tenants            # the demo tenant, its token's expiry\n\
-             \x20 curl -s -X POST http://{proxy}/sandbox/revoke-tokens   # then call again: 401, fresh token, replayed\n\
-             \x20 curl -s http://{admin}/metrics | grep criteo_proxy\n\
-             Tokens live {}s and are renewed in the background. Ctrl-C to stop.\n",
-            dev::TOKEN_LIFETIME.as_secs()
-        );
-        match run(config, listeners, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::FAILURE
-            }
-        }
+        serve(config, None, |listeners| {
+            let addr = |l: &tokio::net::TcpListener| {
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            };
+            let (proxy, admin) = (addr(&listeners.proxy), addr(&listeners.admin));
+            tracing::warn!(
+                sandbox = %upstream,
+                "SANDBOX MODE (--dev): requests go to an embedded stand-in for Criteo with fake tokens and data, never to Criteo"
+            );
+            println!(
+                "\ncriteo-token-proxy sandbox: a stand-in for Criteo runs on {upstream}; nothing reaches Criteo.\n\
+                 Try:\n\
+                 \x20 curl -s http://{proxy}/2024-10/advertisers/me\n\
+                 \x20 curl -s http://{proxy}/2024-10/retail-media/accounts\n\
+                 \x20 curl -s -X POST http://{proxy}/2024-10/statistics/report -d '{{\"dimensions\":[\"Day\"]}}'\n\
+                 \x20 curl -s http://{admin}/tenants            # the demo tenant, its token's expiry\n\
+                 \x20 curl -s -X POST http://{proxy}/sandbox/revoke-tokens   # then call again: 401, fresh token, replayed\n\
+                 \x20 curl -s http://{admin}/metrics | grep criteo_proxy\n\
+                 Tokens live {}s and are renewed in the background. Ctrl-C to stop.\n",
+                dev::TOKEN_LIFETIME.as_secs()
+            );
+        })
+        .await
     })
 }
 

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::process::{Running, command, write};
+use support::process::{Running, command, fake_config, write};
 use support::{FakeCriteo, client};
 
 /// Runs the binary to completion: (exit code, stdout, stderr).
@@ -27,25 +27,11 @@ async fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String
 }
 
 fn config_for(fake: &FakeCriteo, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-default_tenant = "main"
-
-[upstream]
-url = "{}"
-token_url = "{}"
-
-[tenants.main]
-grant = "client_credentials"
-client_id = "main-id"
-client_secret = "main-secret"
-{extra}
-"#,
-        fake.url(),
-        fake.token_url()
+    fake_config(
+        fake,
+        &format!(
+            "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret = \"main-secret\"\n{extra}"
+        ),
     )
 }
 

@@ -6,26 +6,11 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::process::{Running, write};
+use support::process::{Running, fake_config, write};
 use support::{FakeCriteo, client};
 
 fn config(fake: &FakeCriteo, tenants: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-default_tenant = "main"
-
-[upstream]
-url = "{}"
-token_url = "{}"
-
-{tenants}
-"#,
-        fake.url(),
-        fake.token_url()
-    )
+    fake_config(fake, tenants)
 }
 
 const MAIN: &str = "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret = \"main-secret\"\n";

@@ -12,6 +12,17 @@ use tokio::sync::watch;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_criteo-token-proxy");
 
+/// A configuration for the binary: both listeners on `127.0.0.1:0`, the
+/// stand-in as upstream, `main` as default tenant, and `tenants`.
+pub fn fake_config(fake: &super::FakeCriteo, tenants: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndefault_tenant = \"main\"\n\n\
+         [upstream]\nurl = \"{}\"\ntoken_url = \"{}\"\n\n{tenants}\n",
+        fake.url(),
+        fake.token_url()
+    )
+}
+
 /// Writes `text` to `dir/name`.
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
