@@ -4,6 +4,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use criteo_token_proxy::oauth::consent;
@@ -495,5 +496,64 @@ async fn consent_callbacks_are_accepted_only_with_a_valid_signature() {
     assert!(
         metrics.contains("criteo_proxy_consent_callbacks_total{type=\"ConsentGranted\"} 1"),
         "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_token_that_cannot_be_saved_is_kept_and_saved_before_the_next_rotation() {
+    let fake = FakeCriteo::builder()
+        .client(ACME_ID, ACME_SECRET)
+        .expires_in(Duration::from_secs(2))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("store");
+    std::fs::create_dir(&folder).unwrap();
+    let seed = fake.issue_refresh_token(ACME_ID);
+    let proxy = acme(&fake, &folder, Some(&seed)).start().await;
+    proxy.wait_ready().await;
+
+    // The store's folder becomes unwritable (here: replaced by a file).
+    let aside = dir.path().join("store.aside");
+    std::fs::rename(&folder, &aside).unwrap();
+    std::fs::write(&folder, "not a folder").unwrap();
+    fake.wait_token_requests(2, Duration::from_secs(10)).await; // a rotation happens
+    let tenant = Arc::clone(proxy.tenants().get("acme").unwrap());
+    let mut attempts = tenant.tokens.attempts();
+    let save_failed = async {
+        loop {
+            let health = tenant.tokens.health();
+            if health
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("cannot save"))
+            {
+                return health;
+            }
+            attempts.changed().await.unwrap();
+        }
+    };
+    let health = tokio::time::timeout(Duration::from_secs(10), save_failed)
+        .await
+        .unwrap();
+    assert_eq!(health.state.as_str(), "failing");
+    assert_eq!(tenant_state(&proxy, "acme").await["state"], "failing");
+    let requests_while_broken = fake.token_requests();
+
+    // Repaired: the token kept in memory is saved first, then used.
+    std::fs::remove_file(&folder).unwrap();
+    std::fs::rename(&aside, &folder).unwrap();
+    fake.wait_token_requests(requests_while_broken + 1, Duration::from_secs(10))
+        .await;
+    proxy.stop().await;
+    assert_eq!(
+        fake.spent_presented(),
+        0,
+        "the unsaved token was never lost"
+    );
+    assert_eq!(
+        Some(stored_token(&folder)),
+        fake.newest_refresh_token(ACME_ID),
+        "the store caught up with the newest refresh token"
     );
 }
