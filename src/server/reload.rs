@@ -171,28 +171,27 @@ impl Reloader {
 
     fn warn_restart_only(&self, new: &Config) {
         let (a, b) = (&self.running, new);
-        let mut changed = Vec::new();
-        if a.server.listen != b.server.listen {
-            changed.push("server.listen");
-        }
-        if a.server.admin_listen != b.server.admin_listen {
-            changed.push("server.admin_listen");
-        }
-        if a.server.tenant_header != b.server.tenant_header {
-            changed.push("server.tenant_header");
-        }
-        if a.server.workers != b.server.workers {
-            changed.push("server.workers");
-        }
-        if a.upstream.url != b.upstream.url {
-            changed.push("upstream.url");
-        }
-        if a.upstream.token_url != b.upstream.token_url {
-            changed.push("upstream.token_url");
-        }
-        if a.store.path != b.store.path {
-            changed.push("store.path");
-        }
+        let changed: Vec<&str> = [
+            ("server.listen", a.server.listen != b.server.listen),
+            (
+                "server.admin_listen",
+                a.server.admin_listen != b.server.admin_listen,
+            ),
+            (
+                "server.tenant_header",
+                a.server.tenant_header != b.server.tenant_header,
+            ),
+            ("server.workers", a.server.workers != b.server.workers),
+            ("upstream.url", a.upstream.url != b.upstream.url),
+            (
+                "upstream.token_url",
+                a.upstream.token_url != b.upstream.token_url,
+            ),
+            ("store.path", a.store.path != b.store.path),
+        ]
+        .into_iter()
+        .filter_map(|(key, differs)| differs.then_some(key))
+        .collect();
         if !changed.is_empty() {
             tracing::warn!(
                 keys = %changed.join(", "),
