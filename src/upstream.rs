@@ -1,16 +1,36 @@
-//! The pooled client to the Criteo API: hyper-util's legacy client over
-//! rustls, speaking HTTP/1.1 or HTTP/2 as ALPN decides (plain `http://`
-//! upstreams, used by tests and local stand-ins, speak HTTP/1.1).
+//! The connections to the Criteo API: one pool per worker thread, built on
+//! hyper's connection API over rustls.
+//!
+//! ALPN decides the protocol. An HTTP/2 connection is shared by every
+//! request of the worker; HTTP/1.1 connections (plain `http://` upstreams,
+//! used by tests, local stand-ins and meshes that originate TLS, or TLS
+//! servers that chose HTTP/1.1) are kept in a last-in-first-out idle list
+//! and come back to it when their response body has been read to the end.
+//!
+//! This replaces hyper-util's legacy client, which is built for a pool
+//! shared between threads and pays for it on every request: a keyed map
+//! behind a lock, a boxed future, and the `Host` header formatted anew.
+//! Here the `Host` value is built once, the pool key is implicit (one
+//! upstream) and the lock is never contended (one thread per pool).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
+use bytes::Bytes;
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
 
 use crate::config::UpstreamConfig;
 use crate::proxy::OutBody;
@@ -23,15 +43,57 @@ pub enum UpstreamError {
     Tls(#[from] rustls::Error),
 }
 
-/// Where requests go, and the pool that takes them there.
+/// Why a request did not get a response from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot connect")]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// How long an idle HTTP/1.1 connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// At most this many idle HTTP/1.1 connections per worker; more are closed
+/// when their response ends.
+const MAX_IDLE: usize = 512;
+
+/// Where requests go, and the pool that takes them there. Cloning shares
+/// the pool.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, OutBody>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/`: what the connector dials.
+    dial: Uri,
     scheme: Scheme,
     authority: Authority,
+    /// `Host` for HTTP/1.1 requests, built once.
+    host: HeaderValue,
     /// A path prefix of `upstream.url` without its trailing slash, if any.
     base_path: Option<Arc<str>>,
     timeout: Duration,
+    idle: Mutex<VecDeque<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<OutBody>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("dial", &self.dial)
+            .field("base_path", &self.base_path)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An HTTP/1.1 connection waiting for its next request.
+struct Idle {
+    tx: http1::SendRequest<OutBody>,
+    since: coarsetime::Instant,
 }
 
 impl Upstream {
@@ -50,56 +112,299 @@ impl Upstream {
             "" => None,
             p => Some(Arc::from(p)),
         };
+        let dial = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| UpstreamError::BadUrl(e.to_string()))?;
+        let host = host_header(&scheme, &authority)?;
 
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(cfg)?)
             .https_or_http()
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
         Ok(Self {
-            client,
-            scheme,
-            authority,
-            base_path,
-            timeout: cfg.timeout,
+            inner: Arc::new(Inner {
+                connector,
+                dial,
+                scheme,
+                authority,
+                host,
+                base_path,
+                timeout: cfg.timeout,
+                idle: Mutex::new(VecDeque::new()),
+                h2: Mutex::new(None),
+            }),
         })
-    }
-
-    pub fn client(&self) -> &Client<HttpsConnector<HttpConnector>, OutBody> {
-        &self.client
     }
 
     /// Bound on the wait for the upstream's response headers.
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.inner.timeout
     }
 
-    /// The upstream URI for a request's path and query. Without a base
-    /// path this copies nothing but refcounts.
+    /// The upstream request target (origin form) for a request's path and
+    /// query. Without a base path this copies nothing but a refcount.
     pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        let builder = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone());
-        match (&self.base_path, pq) {
-            (None, Some(pq)) => builder.path_and_query(pq.clone()).build(),
-            (None, None) => builder.path_and_query("/").build(),
+        let pq = match (&self.inner.base_path, pq) {
+            (None, Some(pq)) => pq.clone(),
+            (None, None) => PathAndQuery::from_static("/"),
             (Some(base), pq) => {
                 let rest = pq.map_or("/", |p| p.as_str());
-                builder.path_and_query(format!("{base}{rest}")).build()
+                PathAndQuery::try_from(format!("{base}{rest}"))?
+            }
+        };
+        Ok(Uri::from(pq))
+    }
+
+    /// Sends a request whose URI came from [`Upstream::uri_for`], on a
+    /// pooled connection or a new one. A request that a pooled connection
+    /// could not take (it had just closed) goes on another one; a request
+    /// that was written is never sent twice.
+    pub async fn send(
+        &self,
+        mut req: Request<OutBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        let inner = &self.inner;
+        // HTTP/2, once ALPN has chosen it: every request shares the connection.
+        if let Some(mut tx) = inner.shared_h2() {
+            inner.absolute_form(&mut req);
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(UpstreamBody::unpooled)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) => {
+                        inner.forget_h2(&tx);
+                        req = back;
+                    }
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        // HTTP/1.1: the connection that went idle last.
+        while let Some(mut tx) = inner.checkout() {
+            if tx.ready().await.is_err() {
+                continue;
+            }
+            inner.origin_form(&mut req);
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(UpstreamBody::pooled(resp, tx, &self.inner)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        // A new connection.
+        match inner.connect().await? {
+            Conn::H1(mut tx) => {
+                inner.origin_form(&mut req);
+                let resp = tx.send_request(req).await?;
+                Ok(UpstreamBody::pooled(resp, tx, &self.inner))
+            }
+            Conn::H2(mut tx) => {
+                inner.absolute_form(&mut req);
+                let resp = tx.send_request(req).await?;
+                Ok(resp.map(UpstreamBody::unpooled))
             }
         }
     }
+}
+
+enum Conn {
+    H1(http1::SendRequest<OutBody>),
+    H2(http2::SendRequest<OutBody>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    fn shared_h2(&self) -> Option<http2::SendRequest<OutBody>> {
+        let slot = lock(&self.h2);
+        slot.as_ref().filter(|tx| !tx.is_closed()).cloned()
+    }
+
+    fn forget_h2(&self, dead: &http2::SendRequest<OutBody>) {
+        let mut slot = lock(&self.h2);
+        if slot
+            .as_ref()
+            .is_some_and(|tx| tx.is_closed() || dead.is_closed())
+        {
+            *slot = None;
+        }
+    }
+
+    fn checkout(&self) -> Option<http1::SendRequest<OutBody>> {
+        let mut idle = lock(&self.idle);
+        while let Some(conn) = idle.pop_back() {
+            if conn.since.elapsed() > coarsetime::Duration::from(IDLE_TIMEOUT) {
+                // The newest is too old, so are the others.
+                idle.clear();
+                return None;
+            }
+            if !conn.tx.is_closed() {
+                return Some(conn.tx);
+            }
+        }
+        None
+    }
+
+    /// Takes back a connection whose response has been read to the end.
+    fn release(&self, tx: http1::SendRequest<OutBody>) {
+        if tx.is_closed() {
+            return;
+        }
+        let now = coarsetime::Instant::now();
+        let max_age = coarsetime::Duration::from(IDLE_TIMEOUT);
+        let mut idle = lock(&self.idle);
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) > max_age || c.tx.is_closed())
+        {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back(Idle { tx, since: now });
+        }
+    }
+
+    fn origin_form(&self, req: &mut Request<OutBody>) {
+        // Only a request turned away by an HTTP/2 connection has a scheme.
+        if req.uri().scheme().is_some() {
+            let pq = req.uri().path_and_query().cloned();
+            *req.uri_mut() = Uri::from(pq.unwrap_or_else(|| PathAndQuery::from_static("/")));
+        }
+        req.headers_mut().insert(HOST, self.host.clone());
+    }
+
+    fn absolute_form(&self, req: &mut Request<OutBody>) {
+        req.headers_mut().remove(HOST);
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, SendError> {
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let io = connector
+            .call(self.dial.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+            });
+            *lock(&self.h2) = Some(tx.clone());
+            Ok(Conn::H2(tx))
+        } else {
+            let (tx, conn) = http1::Builder::new().handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+            Ok(Conn::H1(tx))
+        }
+    }
+}
+
+/// A response body from the upstream. An HTTP/1.1 connection goes back to
+/// the pool once its body has been read to the end; a body dropped before
+/// that takes its connection with it (hyper closes it).
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    home: Option<(http1::SendRequest<OutBody>, Arc<Inner>)>,
+}
+
+impl UpstreamBody {
+    fn unpooled(inner: Incoming) -> Self {
+        Self { inner, home: None }
+    }
+
+    fn pooled(
+        resp: Response<Incoming>,
+        tx: http1::SendRequest<OutBody>,
+        pool: &Arc<Inner>,
+    ) -> Response<Self> {
+        resp.map(|inner| {
+            let mut body = Self {
+                inner,
+                home: Some((tx, Arc::clone(pool))),
+            };
+            // An empty body may never be polled.
+            if body.inner.is_end_stream() {
+                body.go_home();
+            }
+            body
+        })
+    }
+
+    fn go_home(&mut self) {
+        if let Some((tx, pool)) = self.home.take() {
+            pool.release(tx);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.go_home(),
+            // The server stops polling once `is_end_stream` says so.
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.go_home(),
+            Poll::Ready(Some(Err(_))) => this.home = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The `Host` of HTTP/1.1 requests: the authority without a default port.
+fn host_header(scheme: &Scheme, authority: &Authority) -> Result<HeaderValue, UpstreamError> {
+    let default_port = if *scheme == Scheme::HTTP { 80 } else { 443 };
+    let host = match authority.port_u16() {
+        Some(p) if p != default_port => format!("{}:{p}", authority.host()),
+        _ => authority.host().to_owned(),
+    };
+    HeaderValue::try_from(host).map_err(|e| UpstreamError::BadUrl(e.to_string()))
 }
 
 /// rustls with the ring provider, the web PKI roots and any
@@ -117,4 +422,24 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, UpstreamErro
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_leaves_out_the_default_port() {
+        let h = |s: &str, a: &str| {
+            host_header(&s.parse().unwrap(), &a.parse().unwrap())
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(h("https", "api.criteo.com:443"), "api.criteo.com");
+        assert_eq!(h("https", "api.criteo.com"), "api.criteo.com");
+        assert_eq!(h("http", "127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(h("http", "[::1]:80"), "[::1]");
+    }
 }

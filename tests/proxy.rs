@@ -813,3 +813,48 @@ async fn oversized_headers_get_a_431_and_the_connection_limit_holds() {
     assert!(refused.is_err(), "over server.max_connections");
     drop(held);
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_one_criteo_closes_is_replaced() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::ready(&fake).await;
+    // One kept-alive client connection, so one worker and its pool.
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |q: &'static str| {
+        let c = c.clone();
+        let url = format!("{}/2024-10/pooled{q}", proxy.url);
+        // The body is read, so the client keeps its one connection.
+        async move {
+            let resp = c.get(url).send().await.unwrap();
+            let status = resp.status();
+            resp.bytes().await.unwrap();
+            status
+        }
+    };
+    for _ in 0..10 {
+        assert_eq!(get("").await, 200);
+    }
+    // Criteo retires the connection after this answer.
+    assert_eq!(get("?close=1").await, 200);
+    for _ in 0..5 {
+        assert_eq!(get("").await, 200, "a closed connection is never reused");
+    }
+
+    let seen = fake.seen_path("/2024-10/pooled");
+    assert_eq!(seen.len(), 16);
+    let host = fake.addr().to_string();
+    assert!(
+        seen.iter().all(|s| s.headers["host"] == host),
+        "Host names the upstream"
+    );
+    let peers = |s: &[support::fake_criteo::Seen]| {
+        s.iter()
+            .map(|s| s.peer)
+            .collect::<std::collections::HashSet<_>>()
+    };
+    let before = peers(&seen[..11]);
+    let after = peers(&seen[11..]);
+    assert_eq!(before.len(), 1, "eleven requests, one upstream connection");
+    assert_eq!(after.len(), 1, "after the close, one new connection");
+    assert!(before.is_disjoint(&after));
+}

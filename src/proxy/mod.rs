@@ -24,11 +24,11 @@ use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::tenant::{Tenant, Tenants};
 use crate::token::{State, Unavailable};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamBody};
 
 /// What the proxy listener answers: Criteo's streamed body, or the
 /// proxy's own small JSON.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// How much of a 401's body is read (and dropped) before the replay, so
 /// that the pooled connection can be reused.
@@ -217,10 +217,10 @@ impl Proxy {
         tenant: &Tenant,
         req: Request<OutBody>,
         upstream_time: &mut Option<Duration>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let timeout = self.upstream.timeout();
         let sent = upstream_time.map(|_| Instant::now());
-        let answer = tokio::time::timeout(timeout, self.upstream.client().request(req)).await;
+        let answer = tokio::time::timeout(timeout, self.upstream.send(req)).await;
         if let (Some(total), Some(sent)) = (upstream_time.as_mut(), sent) {
             *total += sent.elapsed();
         }

@@ -32,7 +32,13 @@ pub struct Seen {
     pub headers: HashMap<String, String>,
     pub body: Bytes,
     pub status: u16,
+    /// The proxy's end of the connection the request came on.
+    pub peer: SocketAddr,
 }
+
+/// The address a connection came from, attached to each of its requests.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
 
 /// A refresh token the stand-in issued: single use, revocable.
 #[derive(Debug)]
@@ -341,13 +347,14 @@ impl Builder {
         let st = Arc::clone(&state);
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let st = Arc::clone(&st);
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
+                    let svc = service_fn(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(Peer(peer));
                         let st = Arc::clone(&st);
                         async move { Ok::<_, Infallible>(handle(st, req).await) }
                     });
@@ -704,6 +711,12 @@ async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             }
         },
     };
+    // `?close=1`: answer, then close the connection (as a load balancer
+    // retiring a keep-alive connection does).
+    if param("close") == Some(1) {
+        resp.headers_mut()
+            .insert("connection", "close".parse().unwrap());
+    }
     st.seen.lock().unwrap().push(Seen {
         method: parts.method.to_string(),
         path,
@@ -711,6 +724,7 @@ async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         headers,
         body,
         status: resp.status().as_u16(),
+        peer: parts.extensions.get::<Peer>().expect("peer recorded").0,
     });
     st.api_requests.send_modify(|c| *c += 1);
     resp.headers_mut()
