@@ -202,8 +202,10 @@ impl Upstream {
                 },
             }
         }
-        // A new connection.
-        match inner.connect().await? {
+        // A new connection. Boxed: its future (TLS handshake included) is
+        // ten times the size of the rest, and would otherwise be copied
+        // with every request's future.
+        match Box::pin(inner.connect()).await? {
             Conn::H1(mut tx) => {
                 inner.origin_form(&mut req);
                 let resp = tx.send_request(req).await?;
