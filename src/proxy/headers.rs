@@ -32,19 +32,30 @@ fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
     }
 }
 
-/// Headers named in `Connection` are hop-by-hop too. Collecting them
-/// allocates, but only when a client sends such a list.
+/// Headers named in `Connection` are hop-by-hop too. The usual values,
+/// `keep-alive` and `close`, name nothing else to remove; any other list
+/// is parsed, which allocates.
 fn remove_connection_listed(headers: &mut HeaderMap) {
-    if let Some(named) = headers.get(CONNECTION) {
-        let extra: Vec<HeaderName> = named
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in extra {
-            headers.remove(n);
-        }
+    if !headers.contains_key(CONNECTION) {
+        return;
+    }
+    let plain =
+        |v: &[u8]| v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
+    if headers
+        .get_all(CONNECTION)
+        .iter()
+        .all(|v| plain(v.as_bytes()))
+    {
+        return;
+    }
+    let extra: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in extra {
+        headers.remove(n);
     }
 }
 
@@ -85,6 +96,19 @@ mod tests {
         sanitize_request(&mut h, &HeaderName::from_static("x-criteo-tenant"));
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn headers_named_in_any_connection_header_go() {
+        let mut h = HeaderMap::new();
+        h.append(CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.append(CONNECTION, HeaderValue::from_static("x-a, X-B"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-b", HeaderValue::from_static("1"));
+        h.insert("x-c", HeaderValue::from_static("1"));
+        sanitize_response(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-c"]);
     }
 
     #[test]
