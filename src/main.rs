@@ -13,6 +13,14 @@ use criteo_token_proxy::oauth::consent;
 use criteo_token_proxy::{App, Config, Listeners};
 use secrecy::ExposeSecret;
 use tracing_subscriber::EnvFilter;
+
+/// mimalloc: measured against glibc's malloc on the nginx comparison, it
+/// takes fewer instructions per request (see the README's Performance
+/// section). Transparent huge pages are turned off for the process (as
+/// mimalloc's `allow_thp=0` does), or its arenas would be backed by 2 MiB
+/// pages and peak memory would nearly double.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use url::Url;
 
 /// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
@@ -82,6 +90,9 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // Best effort: an old kernel or a seccomp filter may refuse it, which
+    // costs memory, not correctness.
+    let _ = nix::sys::prctl::set_thp_disable(true);
     let cli = Cli::parse();
     if let Some(Command::ConsentUrl(args)) = &cli.command {
         return match consent_url(cli.config.as_deref(), args) {
