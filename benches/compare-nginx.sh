@@ -107,7 +107,7 @@ client_secret = "bench"
 EOF
 
 "$NGINX" -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' 2>"$work/up/stderr" &
-pids+=($!)
+UP_PID=$!; pids+=($UP_PID)
 "$NGINX" -p "$work/ngx" -c "$work/ngx/nginx.conf" -g 'daemon off;' 2>"$work/ngx/stderr" &
 NGX_PID=$!; pids+=($NGX_PID)
 RUST_LOG=warn ${PROXY_ENV:-} "$PROXY_BIN" --config "$work/proxy.toml" 2>"$work/proxy.log" &
@@ -129,21 +129,30 @@ peak_kib() {
   echo "$total"
 }
 
-# CPU time (user + system, in clock ticks) of a process and its children.
+# CPU time (user and system, in clock ticks) of a process and its children.
 cpu_ticks() {
-  local total=0 p
+  local user=0 sys=0 p u s
   for p in "$1" $(pgrep -P "$1" || true); do
-    total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0) ))
+    read -r u s < <(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null || echo 0 0)
+    user=$(( user + u )); sys=$(( sys + s ))
   done
-  echo "$total"
+  echo "$user $sys"
 }
 
+# One wrk run. Besides wrk's report, records the CPU ticks spent by the
+# proxy under test (user, system), by the upstream, and by wrk itself
+# (its subshell's reaped-children time), so the whole chain's cost per
+# request is known.
 run_wrk() { # name port round pid
-  local before after
-  before=$(cpu_ticks "$4")
-  wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/2024-10/advertisers/me" > "$work/$1.$3.txt" 2>&1
-  after=$(cpu_ticks "$4")
-  echo "cpu_ticks $(( after - before )) $(getconf CLK_TCK)" >> "$work/$1.$3.txt"
+  local out="$work/$1.$3.txt" pu0 ps0 pu1 ps1 uu0 us0 uu1 us1
+  read -r pu0 ps0 < <(cpu_ticks "$4"); read -r uu0 us0 < <(cpu_ticks "$UP_PID")
+  (
+    wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/2024-10/advertisers/me" > "$out" 2>&1
+    local f; read -r -a f < "/proc/$BASHPID/stat"  # read here, not in a $(...) subshell
+    echo "wrk_ticks $(( f[15] + f[16] ))" >> "$out"
+  )
+  read -r pu1 ps1 < <(cpu_ticks "$4"); read -r uu1 us1 < <(cpu_ticks "$UP_PID")
+  echo "cpu_ticks $(( pu1 - pu0 )) $(( ps1 - ps0 )) $(( uu1 + us1 - uu0 - us0 )) $(getconf CLK_TCK)" >> "$out"
 }
 
 echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version)"
@@ -166,22 +175,36 @@ def parse(path):
     non2xx = int((re.search(r"Non-2xx or 3xx responses:\s+(\d+)", t) or [0, 0])[1])
     errs = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", t))
     reqs = int(re.search(r"(\d+) requests in", t).group(1))
-    ticks, hz = map(int, re.search(r"cpu_ticks (\d+) (\d+)", t).groups())
-    cpu_us = ticks / hz * 1e6 / max(reqs, 1)
-    return rps, lat["50"], lat["99"], non2xx, errs, cpu_us
+    user, system, up, hz = map(int, re.search(r"cpu_ticks (\d+) (\d+) (\d+) (\d+)", t).groups())
+    wrk_ticks = int(re.search(r"wrk_ticks (\d+)", t).group(1))
+    us = lambda ticks: ticks / hz * 1e6 / max(reqs, 1)
+    return rps, lat["50"], lat["99"], non2xx, errs, us(user + system), us(user), us(system), us(up), us(wrk_ticks)
 rows = {n: [parse(f"{work}/{n}.{r}.txt") for r in range(1, rounds + 1)] for n in ("nginx", "proxy")}
 print(f"\n{'round':>5} {'':>20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'errors':>7} {'CPU us/req':>10}")
 for r in range(rounds):
     for n, label in (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy")):
-        rps, p50, p99, bad, errs, cpu = rows[n][r]
+        rps, p50, p99, bad, errs, cpu = rows[n][r][:6]
         print(f"{r+1:>5} {label:>20} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {bad:>8} {errs:>7} {cpu:>10.1f}")
-med = {n: [statistics.median(x[i] for x in rows[n]) for i in (0, 1, 2, 5)] for n in rows}
+med = {n: [statistics.median(x[i] for x in rows[n]) for i in range(10)] for n in rows}
 tot = {n: (sum(x[3] for x in rows[n]), sum(x[4] for x in rows[n])) for n in rows}
 print("\nmedian over rounds:")
 for n, label, kib in (("nginx", "nginx (static token)", ngx_kib), ("proxy", "criteo-token-proxy", ctp_kib)):
-    rps, p50, p99, cpu = med[n]
+    rps, p50, p99, cpu = (med[n][i] for i in (0, 1, 2, 5))
     print(f"  {label:>20}: {rps:>9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms  non-2xx {tot[n][0]}  errors {tot[n][1]}  CPU {cpu:.1f} us/req  peak RSS {kib/1024:.1f} MiB")
 print(f"\nratios (criteo-token-proxy / nginx): req/s {med['proxy'][0]/med['nginx'][0]:.2f}x  "
       f"p50 {med['proxy'][1]/med['nginx'][1]:.2f}x  p99 {med['proxy'][2]/med['nginx'][2]:.2f}x  "
-      f"CPU/req {med['proxy'][3]/med['nginx'][3]:.2f}x  peak RSS {ctp_kib/max(ngx_kib,1):.2f}x")
+      f"CPU/req {med['proxy'][5]/med['nginx'][5]:.2f}x  peak RSS {ctp_kib/max(ngx_kib,1):.2f}x")
+
+# The cores are saturated (wrk, the upstream and the proxy share them), so
+# req/s is about cores / (CPU per request of the whole chain).
+print("\nwhere the CPU goes, median us per request:")
+chain = {}
+for n, label in (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy")):
+    user, system, up, wrk = med[n][6], med[n][7], med[n][8], med[n][9]
+    chain[n] = user + system + up + wrk
+    print(f"  {label:>20}: user {user:5.1f} + system {system:5.1f}  | upstream {up:5.1f}  wrk {wrk:5.1f}  | chain {chain[n]:5.1f}")
+goal = chain["nginx"] / 1.2
+left = goal - med["proxy"][8] - med["proxy"][9]
+print(f"  1.2x nginx's req/s needs a chain of <= {goal:.1f} us/request, which leaves the proxy <= {left:.1f} us;\n"
+      f"  the proxy's system time alone (the same loopback TCP work nginx does: same segments and syscalls) is {med['proxy'][7]:.1f} us.")
 EOF
