@@ -6,6 +6,8 @@
 #
 #   benches/compare-nginx.sh                 # 5 rounds of 10 s, 64 connections
 #   ROUNDS=3 DURATION=5s CONNS=64 benches/compare-nginx.sh
+#   TENANTS=10000 benches/compare-nginx.sh          # 9,999 more tenants configured
+#   TENANTS=10000 LAZY=1 benches/compare-nginx.sh   # ... with refresh.lazy = true
 #
 # Prints requests/s, p50/p99 latency, non-2xx responses and peak RSS for both,
 # and their ratios. Installs nginx and wrk from Debian's packages if missing.
@@ -16,6 +18,8 @@ ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 WRK_THREADS=${WRK_THREADS:-2}
+TENANTS=${TENANTS:-1}
+LAZY=${LAZY:-0}
 cd "$(dirname "$0")/.."
 
 need() {
@@ -105,6 +109,12 @@ grant = "client_credentials"
 client_id = "bench"
 client_secret = "bench"
 EOF
+# More tenants (the load still goes to "main"): what memory and the request
+# path cost when many tenants are configured.
+if (( LAZY )); then printf '[refresh]\nlazy = true\n' >> "$work/proxy.toml"; fi
+for i in $(seq 2 "$TENANTS"); do
+  printf '[tenants.t%d]\ngrant = "client_credentials"\nclient_id = "bench-%d"\nclient_secret = "bench"\n' "$i" "$i"
+done >> "$work/proxy.toml"
 
 "$NGINX" -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' 2>"$work/up/stderr" &
 UP_PID=$!; pids+=($UP_PID)
@@ -113,7 +123,7 @@ NGX_PID=$!; pids+=($NGX_PID)
 RUST_LOG=warn ${PROXY_ENV:-} "$PROXY_BIN" --config "$work/proxy.toml" 2>"$work/proxy.log" &
 CTP_PID=$!; pids+=($CTP_PID)
 
-for _ in $(seq 100); do
+for _ in $(seq 1200); do   # up to 2 minutes: 10,000 tenants fetch 10,000 tokens
   if curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 &&
      curl -fs "http://127.0.0.1:$NGX/x" >/dev/null 2>&1; then break; fi
   sleep 0.1
@@ -156,7 +166,7 @@ run_wrk() { # name port round pid
 }
 
 echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version)"
-echo "load: wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $ROUNDS alternating rounds"
+echo "load: wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $ROUNDS alternating rounds; $TENANTS tenant(s) configured$( (( LAZY )) && echo ', refresh.lazy')"
 run_wrk warmup-nginx "$NGX" 0 "$NGX_PID" || true
 run_wrk warmup-proxy "$CTP" 0 "$CTP_PID" || true
 for r in $(seq "$ROUNDS"); do
