@@ -190,7 +190,11 @@ impl Upstream {
         }
         // HTTP/1.1: the connection that went idle last.
         while let Some(mut tx) = inner.checkout() {
-            if tx.ready().await.is_err() {
+            if !tx.is_ready() {
+                // Still busy (a request body still going up after an early
+                // answer, or the connection not yet past its last
+                // response): never wait behind it.
+                Self::when_ready(tx, &self.inner);
                 continue;
             }
             inner.origin_form(&mut req);
@@ -217,6 +221,19 @@ impl Upstream {
                 Ok(resp.map(UpstreamBody::unpooled))
             }
         }
+    }
+}
+
+impl Upstream {
+    /// Puts a busy connection back in the pool once it can take a request
+    /// (dropped if it closes instead).
+    fn when_ready(mut tx: http1::SendRequest<OutBody>, pool: &Arc<Inner>) {
+        let pool = Arc::clone(pool);
+        tokio::spawn(async move {
+            if tx.ready().await.is_ok() {
+                pool.release(tx);
+            }
+        });
     }
 }
 
