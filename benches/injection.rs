@@ -3,7 +3,9 @@
 //! Injection is measured against two baselines in the same run:
 //! - `static_header`: inserting a pre-built `HeaderValue` (the floor: what
 //!   nginx with a fixed `Authorization` header does);
-//! - `rwlock_cache`: the same token cache built on `RwLock<Arc<Token>>`.
+//! - `rwlock_cache`: the same token cache built on `RwLock<Arc<Token>>`;
+//! - `plain_arc`: the token read from an `Arc` that never changes (not a
+//!   cache at all), to tell arc-swap's cost from the token's own.
 //!
 //! Each is run on 1, 2 and 4 threads hammering the same tenant; the time
 //! reported is per injection per thread, so a flat line means no
@@ -70,6 +72,18 @@ impl Inject for Cell {
 }
 
 /// The lock-based alternative.
+/// The token read straight from an `Arc` that never changes: what the
+/// cell costs without arc-swap's protection (which a swapped token needs).
+/// Shown only to split the cell's cost into arc-swap's and the token's.
+struct Plain(Arc<Token>);
+impl Inject for Plain {
+    #[inline]
+    fn inject(&self, headers: &mut HeaderMap) {
+        assert!(self.0.is_usable_now());
+        headers.insert(AUTHORIZATION, self.0.header().clone());
+    }
+}
+
 struct Locked(RwLock<Arc<Token>>);
 impl Inject for Locked {
     #[inline]
@@ -112,6 +126,7 @@ fn injection(c: &mut Criterion) {
     let variants: Vec<(&str, Arc<dyn Inject>)> = vec![
         ("static_header", Arc::new(Static(token().header().clone()))),
         ("arc_swap_cell", Arc::new(Cell(cell))),
+        ("plain_arc", Arc::new(Plain(Arc::new(token())))),
         (
             "rwlock_cache",
             Arc::new(Locked(RwLock::new(Arc::new(token())))),
