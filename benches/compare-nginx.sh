@@ -20,95 +20,12 @@ CONNS=${CONNS:-64}
 WRK_THREADS=${WRK_THREADS:-2}
 TENANTS=${TENANTS:-1}
 LAZY=${LAZY:-0}
-cd "$(dirname "$0")/.."
-
-need() {
-  local missing=()
-  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-  command -v wrk >/dev/null || missing+=(wrk)
-  if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]} from Debian's packages" >&2
-    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
-}
-need
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-
-cargo build --release --quiet
-PROXY_BIN=target/release/criteo-token-proxy
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(free_port); NGX=$(free_port); CTP=$(free_port); ADM=$(free_port)
-
-TOKEN='eyJhbGciOiJSUzI1NiJ9.benchmark-token-of-realistic-shape.c2lnbmF0dXJl'
-ANSWER='{"data":[{"id":"1234","type":"Advertiser","attributes":{"advertiserName":"bench","currency":"EUR"}}]}'
-
-mkdir -p "$work/up" "$work/ngx"
-cat > "$work/up/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 100000;
-  server {
-    listen 127.0.0.1:$UP;
-    location = /oauth2/token {
-      default_type application/json;
-      return 200 '{"access_token":"$TOKEN","token_type":"Bearer","expires_in":900}';
-    }
-    location / {
-      default_type application/json;
-      return 200 '$ANSWER';
-    }
-  }
-}
-EOF
-cat > "$work/ngx/nginx.conf" <<EOF
-worker_processes auto;
-pid $work/ngx/nginx.pid;
-error_log $work/ngx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 100000;
-  upstream criteo { server 127.0.0.1:$UP; keepalive 128; }
-  server {
-    listen 127.0.0.1:$NGX;
-    location / {
-      proxy_pass http://criteo;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer $TOKEN";
-    }
-  }
-}
-EOF
-cat > "$work/proxy.toml" <<EOF
-[server]
-listen = "127.0.0.1:$CTP"
-admin_listen = "127.0.0.1:$ADM"
-default_tenant = "main"
-[upstream]
-url = "http://127.0.0.1:$UP"
-token_url = "http://127.0.0.1:$UP/oauth2/token"
-[tenants.main]
-grant = "client_credentials"
-client_id = "bench"
-client_secret = "bench"
-EOF
+# shellcheck source=benches/common.sh
+source "$(dirname "$0")/common.sh"
+need nginx wrk
+write_upstream_conf
+write_nginx_proxy_conf "worker_processes auto;"
+write_proxy_conf
 # More tenants (the load still goes to "main"): what memory and the request
 # path cost when many tenants are configured.
 if (( LAZY )); then printf '[refresh]\nlazy = true\n' >> "$work/proxy.toml"; fi
@@ -116,8 +33,7 @@ for i in $(seq 2 "$TENANTS"); do
   printf '[tenants.t%d]\ngrant = "client_credentials"\nclient_id = "bench-%d"\nclient_secret = "bench"\n' "$i" "$i"
 done >> "$work/proxy.toml"
 
-"$NGINX" -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' 2>"$work/up/stderr" &
-UP_PID=$!; pids+=($UP_PID)
+start_upstream
 "$NGINX" -p "$work/ngx" -c "$work/ngx/nginx.conf" -g 'daemon off;' 2>"$work/ngx/stderr" &
 NGX_PID=$!; pids+=($NGX_PID)
 RUST_LOG=warn ${PROXY_ENV:-} "$PROXY_BIN" --config "$work/proxy.toml" 2>"$work/proxy.log" &

@@ -18,93 +18,14 @@
 set -euo pipefail
 
 DURATION=${DURATION:-20s}
-cd "$(dirname "$0")/.."
-
-missing=()
-command -v valgrind >/dev/null || missing+=(valgrind)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-command -v wrk >/dev/null || missing+=(wrk)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing ${missing[*]} from Debian's packages" >&2
-  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-
-cargo build --release --quiet
-PROXY_BIN=target/release/criteo-token-proxy
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(free_port); NGX=$(free_port); CTP=$(free_port); ADM=$(free_port)
-TOKEN='eyJhbGciOiJSUzI1NiJ9.benchmark-token-of-realistic-shape.c2lnbmF0dXJl'
-ANSWER='{"data":[{"id":"1234","type":"Advertiser","attributes":{"advertiserName":"bench","currency":"EUR"}}]}'
-
-mkdir -p "$work/up" "$work/ngx"
-cat > "$work/up/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/up/nginx.pid;
-error_log $work/up/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$UP;
-    location = /oauth2/token {
-      default_type application/json;
-      return 200 '{"access_token":"$TOKEN","token_type":"Bearer","expires_in":900}';
-    }
-    location / { default_type application/json; return 200 '$ANSWER'; }
-  }
-}
-EOF
-cat > "$work/ngx/nginx.conf" <<EOF
-worker_processes 1;
-master_process off;
-pid $work/ngx/nginx.pid;
-error_log $work/ngx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream criteo { server 127.0.0.1:$UP; keepalive 128; }
-  server {
-    listen 127.0.0.1:$NGX;
-    location / {
-      proxy_pass http://criteo;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer $TOKEN";
-    }
-  }
-}
-EOF
-cat > "$work/proxy.toml" <<EOF
-[server]
-listen = "127.0.0.1:$CTP"
-admin_listen = "127.0.0.1:$ADM"
-default_tenant = "main"
-[upstream]
-url = "http://127.0.0.1:$UP"
-token_url = "http://127.0.0.1:$UP/oauth2/token"
-[tenants.main]
-grant = "client_credentials"
-client_id = "bench"
-client_secret = "bench"
-EOF
-
-"$NGINX" -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' 2>"$work/up/stderr" &
-pids+=($!)
+# shellcheck source=benches/common.sh
+source "$(dirname "$0")/common.sh"
+need valgrind nginx wrk
+write_upstream_conf
+write_nginx_proxy_conf "worker_processes 1;
+master_process off;"
+write_proxy_conf
+start_upstream
 
 count() { # label port command...
   local label=$1 port=$2; shift 2

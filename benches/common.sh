@@ -1,0 +1,120 @@
+# Shared by the benchmark scripts (sourced, not run): installs what is
+# missing, builds the proxy, and writes the configurations of the three
+# parties: the upstream (nginx serving a static token at /oauth2/token and
+# static JSON elsewhere), nginx as a proxy adding a static Authorization
+# header, and criteo-token-proxy. Everything listens on 127.0.0.1 only.
+#
+# After sourcing: $NGINX, $PROXY_BIN, $work (removed on exit), pids (killed
+# on exit), ports $UP $NGX $CTP $ADM, and the functions below.
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# need TOOL... : installs the Debian packages for the tools that are missing.
+need() {
+  local missing=() tool
+  for tool in "$@"; do
+    case $tool in
+      nginx) command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light) ;;
+      *) command -v "$tool" >/dev/null || missing+=("$tool") ;;
+    esac
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]} from Debian's packages" >&2
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+}
+
+cargo build --release --quiet
+PROXY_BIN=target/release/criteo-token-proxy
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(free_port); NGX=$(free_port); CTP=$(free_port); ADM=$(free_port)
+
+TOKEN='eyJhbGciOiJSUzI1NiJ9.benchmark-token-of-realistic-shape.c2lnbmF0dXJl'
+ANSWER='{"data":[{"id":"1234","type":"Advertiser","attributes":{"advertiserName":"bench","currency":"EUR"}}]}'
+
+# The upstream: one nginx worker, a static token and a static answer.
+write_upstream_conf() {
+  mkdir -p "$work/up"
+  cat > "$work/up/nginx.conf" <<EOC
+worker_processes 1;
+pid $work/up/nginx.pid;
+error_log $work/up/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UP;
+    location = /oauth2/token {
+      default_type application/json;
+      return 200 '{"access_token":"$TOKEN","token_type":"Bearer","expires_in":900}';
+    }
+    location / {
+      default_type application/json;
+      return 200 '$ANSWER';
+    }
+  }
+}
+EOC
+}
+
+# nginx as the proxy, adding a static Authorization header, with upstream
+# keep-alive. $1: the top-level process settings (workers, master).
+write_nginx_proxy_conf() {
+  mkdir -p "$work/ngx"
+  cat > "$work/ngx/nginx.conf" <<EOC
+$1
+pid $work/ngx/nginx.pid;
+error_log $work/ngx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream criteo { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://criteo;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer $TOKEN";
+    }
+  }
+}
+EOC
+}
+
+# criteo-token-proxy with one client-credentials tenant, "main", the default.
+write_proxy_conf() {
+  cat > "$work/proxy.toml" <<EOC
+[server]
+listen = "127.0.0.1:$CTP"
+admin_listen = "127.0.0.1:$ADM"
+default_tenant = "main"
+[upstream]
+url = "http://127.0.0.1:$UP"
+token_url = "http://127.0.0.1:$UP/oauth2/token"
+[tenants.main]
+grant = "client_credentials"
+client_id = "bench"
+client_secret = "bench"
+EOC
+}
+
+start_upstream() {
+  "$NGINX" -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' 2>"$work/up/stderr" &
+  UP_PID=$!; pids+=("$UP_PID")
+}
