@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -77,7 +78,8 @@ struct Inner {
     base_path: Option<Arc<str>>,
     timeout: Duration,
     idle: Mutex<VecDeque<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<OutBody>>>,
+    /// The HTTP/2 connection every request shares, once ALPN chose it.
+    h2: ArcSwapOption<http2::SendRequest<OutBody>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -141,7 +143,7 @@ impl Upstream {
                 base_path,
                 timeout: cfg.timeout,
                 idle: Mutex::new(VecDeque::new()),
-                h2: Mutex::new(None),
+                h2: ArcSwapOption::empty(),
             }),
         })
     }
@@ -179,11 +181,9 @@ impl Upstream {
             inner.absolute_form(&mut req);
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(UpstreamBody::unpooled)),
+                // Not taken (the connection is closing): a new one below.
                 Err(mut e) => match e.take_message() {
-                    Some(back) => {
-                        inner.forget_h2(&tx);
-                        req = back;
-                    }
+                    Some(back) => req = back,
                     None => return Err(e.into_error().into()),
                 },
             }
@@ -222,9 +222,7 @@ impl Upstream {
             }
         }
     }
-}
 
-impl Upstream {
     /// Puts a busy connection back in the pool once it can take a request
     /// (dropped if it closes instead).
     fn when_ready(mut tx: http1::SendRequest<OutBody>, pool: &Arc<Inner>) {
@@ -246,26 +244,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Inner {
-    fn shared_h2(&self) -> Option<http2::SendRequest<OutBody>> {
-        let slot = lock(&self.h2);
-        slot.as_ref().filter(|tx| !tx.is_closed()).cloned()
-    }
+fn idle_too_long(since: coarsetime::Instant, now: coarsetime::Instant) -> bool {
+    now.duration_since(since) > coarsetime::Duration::from(IDLE_TIMEOUT)
+}
 
-    fn forget_h2(&self, dead: &http2::SendRequest<OutBody>) {
-        let mut slot = lock(&self.h2);
-        if slot
-            .as_ref()
-            .is_some_and(|tx| tx.is_closed() || dead.is_closed())
-        {
-            *slot = None;
+impl Inner {
+    /// The shared HTTP/2 connection, unless there is none or it closed
+    /// (then it is dropped, and the next request connects anew).
+    fn shared_h2(&self) -> Option<http2::SendRequest<OutBody>> {
+        let slot = self.h2.load();
+        let tx = slot.as_deref()?;
+        if tx.is_closed() {
+            self.h2.compare_and_swap(&*slot, None);
+            return None;
         }
+        Some(tx.clone())
     }
 
     fn checkout(&self) -> Option<http1::SendRequest<OutBody>> {
         let mut idle = lock(&self.idle);
         while let Some(conn) = idle.pop_back() {
-            if conn.since.elapsed() > coarsetime::Duration::from(IDLE_TIMEOUT) {
+            if idle_too_long(conn.since, coarsetime::Instant::now()) {
                 // The newest is too old, so are the others.
                 idle.clear();
                 return None;
@@ -283,11 +282,10 @@ impl Inner {
             return;
         }
         let now = coarsetime::Instant::now();
-        let max_age = coarsetime::Duration::from(IDLE_TIMEOUT);
         let mut idle = lock(&self.idle);
         while idle
             .front()
-            .is_some_and(|c| now.duration_since(c.since) > max_age || c.tx.is_closed())
+            .is_some_and(|c| idle_too_long(c.since, now) || c.tx.is_closed())
         {
             idle.pop_front();
         }
@@ -334,7 +332,7 @@ impl Inner {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
                 }
             });
-            *lock(&self.h2) = Some(tx.clone());
+            self.h2.store(Some(Arc::new(tx.clone())));
             Ok(Conn::H2(tx))
         } else {
             let (tx, conn) = http1::Builder::new().handshake(io).await?;
