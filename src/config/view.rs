@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use secrecy::SecretString;
-use serde_json::Value;
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{
     Config, RawConfig, RawConsent, RawRefresh, RawServer, RawStore, RawTenant, RawUpstream,
@@ -22,8 +23,7 @@ use super::{
 pub(super) const REDACTED: &str = "<redacted>";
 
 pub(super) fn redacted_toml(config: &Config) -> Result<String, String> {
-    let value = serde_json::to_value(raw(config)).map_err(|e| e.to_string())?;
-    toml_text(&value)
+    toml_text(&raw(config))
 }
 
 /// The raw form of `secret`: (inline, file). An inline secret is replaced
@@ -107,38 +107,96 @@ fn raw(c: &Config) -> RawConfig {
 
 // === TOML text ===
 
+/// A serialised value with its tables in field order (`serde_json::Value`
+/// would sort them): `[server]` first, `listen` first, as people write it.
+#[derive(Debug)]
+enum Node {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    String(String),
+    Array(Vec<Node>),
+    Table(Vec<(String, Node)>),
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NodeVisitor)
+    }
+}
+
+struct NodeVisitor;
+
+impl<'de> Visitor<'de> for NodeVisitor {
+    type Value = Node;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Node, E> {
+        Ok(Node::Null)
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Node, E> {
+        Ok(Node::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Node, E> {
+        Ok(Node::Number(n.into()))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Node, E> {
+        Ok(Node::Number(n.into()))
+    }
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Node, E> {
+        serde_json::Number::from_f64(n)
+            .map(Node::Number)
+            .ok_or_else(|| E::custom("a number that is not finite"))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Node, E> {
+        Ok(Node::String(s.to_owned()))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Node::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(entry) = map.next_entry()? {
+            entries.push(entry);
+        }
+        Ok(Node::Table(entries))
+    }
+}
+
 /// `value` (a table) as a TOML document: each table's plain keys, then its
-/// sub-tables as `[a.b]` sections. Nulls (unset options) are left out.
-pub(super) fn toml_text(value: &Value) -> Result<String, String> {
-    let Value::Object(root) = value else {
+/// sub-tables as `[a.b]` sections, in the order serialised. Nulls (unset
+/// options) are left out.
+pub(super) fn toml_text<T: Serialize>(value: &T) -> Result<String, String> {
+    let json = serde_json::to_string(value).map_err(|e| e.to_string())?;
+    let node: Node = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+    let Node::Table(root) = node else {
         return Err("the configuration is not a table".into());
     };
     let mut out = String::new();
-    table(&mut out, &[], root)?;
+    table(&mut out, &[], &root)?;
     Ok(out)
 }
 
-fn table(
-    out: &mut String,
-    path: &[&str],
-    map: &serde_json::Map<String, Value>,
-) -> Result<(), String> {
-    let plain: Vec<_> = map
-        .iter()
-        .filter(|(_, v)| !v.is_null() && !v.is_object())
-        .collect();
-    if !plain.is_empty() && !path.is_empty() {
+fn table(out: &mut String, path: &[&str], entries: &[(String, Node)]) -> Result<(), String> {
+    let is_plain = |v: &Node| !matches!(v, Node::Null | Node::Table(_));
+    if !path.is_empty() && entries.iter().any(|(_, v)| is_plain(v)) {
         if !out.is_empty() {
             out.push('\n');
         }
         let header: Vec<String> = path.iter().map(|k| key(k)).collect();
         let _ = writeln!(out, "[{}]", header.join("."));
     }
-    for (k, v) in plain {
+    for (k, v) in entries.iter().filter(|(_, v)| is_plain(v)) {
         let _ = writeln!(out, "{} = {}", key(k), inline(v)?);
     }
-    for (k, v) in map {
-        if let Value::Object(sub) = v {
+    for (k, v) in entries {
+        if let Node::Table(sub) = v {
             let mut p = path.to_vec();
             p.push(k);
             table(out, &p, sub)?;
@@ -147,22 +205,22 @@ fn table(
     Ok(())
 }
 
-fn inline(v: &Value) -> Result<String, String> {
+fn inline(v: &Node) -> Result<String, String> {
     Ok(match v {
-        Value::Null => return Err("a null inside an array".into()),
-        Value::Bool(b) => b.to_string(),
+        Node::Null => return Err("a null inside an array".into()),
+        Node::Bool(b) => b.to_string(),
         // serde_json writes integers plainly and floats in their shortest
         // exact form (`0.8`, `1e-7`), which TOML reads back identically.
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => quote(s),
-        Value::Array(items) => {
+        Node::Number(n) => n.to_string(),
+        Node::String(s) => quote(s),
+        Node::Array(items) => {
             let items: Result<Vec<_>, _> = items.iter().map(inline).collect();
             format!("[{}]", items?.join(", "))
         }
-        Value::Object(map) => {
-            let fields: Result<Vec<_>, String> = map
+        Node::Table(entries) => {
+            let fields: Result<Vec<_>, String> = entries
                 .iter()
-                .filter(|(_, v)| !v.is_null())
+                .filter(|(_, v)| !matches!(v, Node::Null))
                 .map(|(k, v)| Ok(format!("{} = {}", key(k), inline(v)?)))
                 .collect();
             format!("{{ {} }}", fields?.join(", "))
@@ -205,7 +263,7 @@ fn quote(s: &str) -> String {
 mod tests {
     use super::*;
     use figment::providers::{Format, Toml};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     #[test]
     fn odd_strings_and_keys_survive_a_round_trip_through_toml() {
@@ -223,5 +281,21 @@ mod tests {
         want.as_object_mut().unwrap().remove("skipped");
         want.as_object_mut().unwrap().remove("empty");
         assert_eq!(back, want, "{text}");
+    }
+
+    #[test]
+    fn sections_and_keys_print_in_the_order_they_are_declared() {
+        let c = Config::from_toml(
+            "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nclient_secret = \"s\"\n",
+        )
+        .unwrap();
+        let text = redacted_toml(&c).unwrap();
+        let headers: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
+        assert_eq!(
+            headers,
+            ["[server]", "[upstream]", "[refresh]", "[tenants.main]"],
+            "{text}"
+        );
+        assert!(text.starts_with("[server]\nlisten = "), "{text}");
     }
 }
