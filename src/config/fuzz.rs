@@ -185,7 +185,11 @@ fn is_secret(path: &[&str]) -> bool {
 
 struct Fixtures {
     _dir: tempfile::TempDir,
+    /// Every kind of file, for any key.
     paths: Vec<String>,
+    secret: String,
+    ca: String,
+    store: String,
 }
 
 impl Fixtures {
@@ -221,7 +225,13 @@ impl Fixtures {
             "/dev/null".into(),
             "/nonexistent/x".into(),
         ];
-        Self { _dir: dir, paths }
+        Self {
+            secret: paths[0].clone(),
+            ca: paths[2].clone(),
+            store: paths[5].clone(),
+            _dir: dir,
+            paths,
+        }
     }
 }
 
@@ -342,16 +352,84 @@ fn change(keys: Vec<Vec<&'static str>>, paths: Vec<String>) -> impl Strategy<Val
         })
 }
 
-/// A valid configuration, the starting point of every document.
-fn base() -> Value {
-    json!({
+/// Valid configurations, the starting points of the documents: a minimal
+/// one, and two that set every key (secrets inline, then in files).
+fn bases(fx: &Fixtures) -> Vec<Value> {
+    let minimal = json!({
         "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"},
         "tenants": {"main": {
             "grant": "client_credentials",
             "client_id": "id",
             "client_secret": SECRETS[0],
         }},
-    })
+    });
+    let every_key = |inline: bool| {
+        let secret = |key: &str, value: &str| {
+            if inline {
+                (key.to_owned(), json!(value))
+            } else {
+                (format!("{key}_file"), json!(fx.secret))
+            }
+        };
+        let pair = |(k, v): (String, Value)| Value::Object([(k, v)].into_iter().collect());
+        let mut doc = json!({
+            "server": {
+                "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+                "tenant_header": "X-Tenant", "default_tenant": "acme",
+                "max_replay_body": "2MiB", "shutdown_grace": "15s",
+                "allowed_clients": ["127.0.0.0/8", "::1/128"], "workers": 2,
+                "max_connections": 100, "max_header_bytes": "32KiB",
+                "header_read_timeout": "10s",
+            },
+            "upstream": {
+                "url": "https://api.criteo.com", "token_url": "https://api.criteo.com/oauth2/token",
+                "consent_url": "https://consent.criteo.com/request",
+                "connect_timeout": "2s", "timeout": "30s", "ca_file": fx.ca,
+            },
+            "refresh": {
+                "at_fraction": 0.7, "wait_timeout": "1s", "token_timeout": "3s",
+                "max_backoff": "10s", "rejected_backoff": "1m", "lazy": true,
+            },
+            "store": {"path": fx.store},
+            "consent": {"signing_key": "public-key"},
+            "tenants": {
+                "main": {"grant": "client_credentials", "client_id": 42},
+                "acme": {
+                    "grant": "refresh_token", "client_id": "acme-id",
+                    "redirect_uri": "https://app.example.com/cb",
+                },
+            },
+        });
+        for (path, field) in [
+            (
+                &["server"][..],
+                pair(secret("admin_token", "SECRET-inline-0123456789")),
+            ),
+            (&["consent"][..], pair(secret("signing_secret", SECRETS[1]))),
+            (
+                &["tenants", "main"][..],
+                pair(secret("client_secret", SECRETS[0])),
+            ),
+            (
+                &["tenants", "acme"][..],
+                pair(secret("client_secret", SECRETS[1])),
+            ),
+            (
+                &["tenants", "acme"][..],
+                pair(secret("refresh_token", SECRETS[2])),
+            ),
+        ] {
+            let mut at = &mut doc;
+            for k in path {
+                at = &mut at[*k];
+            }
+            at.as_object_mut()
+                .unwrap()
+                .extend(field.as_object().unwrap().clone());
+        }
+        doc
+    };
+    vec![minimal, every_key(true), every_key(false)]
 }
 
 fn apply(doc: &mut Value, c: &Change) {
@@ -439,7 +517,15 @@ fn arbitrary_documents_never_panic_name_their_keys_and_print_back() {
     let fixtures = Fixtures::new();
     let keys = key_paths();
     let sections: Vec<&str> = keys.iter().filter(|k| k.len() == 1).map(|k| k[0]).collect();
-    let changes = proptest::collection::vec(change(keys.clone(), fixtures.paths.clone()), 0..8);
+    for doc in bases(&fixtures) {
+        let text = super::view::toml_text(&doc).unwrap();
+        check(&text, &sections).unwrap();
+        Config::from_toml(&text).unwrap_or_else(|e| panic!("a base is valid: {e}\n{text}"));
+    }
+    let docs = (
+        proptest::sample::select(bases(&fixtures)),
+        proptest::collection::vec(change(keys.clone(), fixtures.paths.clone()), 0..6),
+    );
     let mut runner = TestRunner::new(RunnerConfig {
         cases: 256,
         failure_persistence: None,
@@ -447,8 +533,7 @@ fn arbitrary_documents_never_panic_name_their_keys_and_print_back() {
     });
     let valid = std::cell::Cell::new(0);
     runner
-        .run(&changes, |changes| {
-            let mut doc = base();
+        .run(&docs, |(mut doc, changes)| {
             for c in &changes {
                 apply(&mut doc, c);
             }
@@ -459,6 +544,6 @@ fn arbitrary_documents_never_panic_name_their_keys_and_print_back() {
             check(&text, &sections)
         })
         .unwrap();
-    // The runner also shrinks; what matters is that both outcomes occur.
+    // Both outcomes occur: the documents are neither all broken nor all fine.
     assert!(valid.get() > 0, "no generated document was valid");
 }
