@@ -151,6 +151,7 @@ async fn serve(
     reload: Option<PathBuf>,
     announce: impl FnOnce(&Listeners),
 ) -> ExitCode {
+    let shutdown = shutdown_signal();
     let listeners = match Listeners::bind(&config).await {
         Ok(l) => l,
         Err(e) => {
@@ -170,7 +171,7 @@ async fn serve(
         Some(path) => app.reload_from(path),
         None => app,
     };
-    app.run(listeners, shutdown_signal()).await;
+    app.run(listeners, shutdown).await;
     ExitCode::SUCCESS
 }
 
@@ -348,24 +349,39 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C). The handlers are
+/// installed now, not when the future is first polled: a signal that
+/// arrives just after the listeners are announced must still drain
+/// gracefully instead of killing the process.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            () = next(&mut int) => tracing::info!("SIGINT received"),
+            () = next(&mut term) => tracing::info!("SIGTERM received"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// The next delivery of a signal; never, when its handler could not be
+/// installed.
+#[cfg(unix)]
+async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("SIGINT received");
     }
 }

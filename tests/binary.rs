@@ -674,3 +674,16 @@ async fn plain_http_to_a_host_that_is_not_loopback_is_warned_about_at_start() {
     proxy.signal("-TERM");
     assert_eq!(proxy.wait_exit().await, 0);
 }
+
+#[tokio::test]
+async fn sigterm_just_after_start_still_drains_and_exits_zero() {
+    let fake = FakeCriteo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "proxy.toml", &config_for(&fake, ""));
+    // The race is narrow: try it a few times.
+    for _ in 0..5 {
+        let mut proxy = Running::start(&path, "info").await;
+        proxy.signal("-TERM");
+        assert_eq!(proxy.wait_exit().await, 0, "{}", proxy.all_logs());
+    }
+}
