@@ -16,15 +16,26 @@ use figment::providers::{Env, Format, Toml};
 use http::HeaderName;
 use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use url::Url;
+
+pub(crate) mod files;
+#[cfg(test)]
+mod fuzz;
+mod view;
+
+pub use files::{MAX_CA_FILE, MAX_SECRET_FILE};
 
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "CRITEO_PROXY_";
 
 // === raw, as written ===
+//
+// The raw structs are also what `check-config` prints (see `view.rs`):
+// secrets serialise as "<redacted>" whatever they hold, sizes as exact
+// byte counts.
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
@@ -41,7 +52,7 @@ struct RawConfig {
     tenants: BTreeMap<String, RawTenant>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawServer {
     listen: SocketAddr,
@@ -49,15 +60,20 @@ struct RawServer {
     tenant_header: String,
     #[serde(deserialize_with = "opt_lenient_string")]
     default_tenant: Option<String>,
+    #[serde(serialize_with = "exact_bytes")]
     max_replay_body: bytesize::ByteSize,
     #[serde(with = "humantime_serde")]
     shutdown_grace: Duration,
     allowed_clients: Option<Vec<IpNet>>,
     workers: Option<usize>,
     max_connections: usize,
+    #[serde(serialize_with = "exact_bytes")]
     max_header_bytes: bytesize::ByteSize,
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
+    #[serde(deserialize_with = "opt_lenient_secret", serialize_with = "redacted")]
+    admin_token: Option<SecretString>,
+    admin_token_file: Option<PathBuf>,
 }
 
 impl Default for RawServer {
@@ -74,11 +90,13 @@ impl Default for RawServer {
             max_connections: 10_000,
             max_header_bytes: bytesize::ByteSize::kib(64),
             header_read_timeout: Duration::from_secs(30),
+            admin_token: None,
+            admin_token_file: None,
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawUpstream {
     url: String,
@@ -104,7 +122,7 @@ impl Default for RawUpstream {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawRefresh {
     at_fraction: f64,
@@ -132,40 +150,52 @@ impl Default for RawRefresh {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawStore {
     path: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawConsent {
     #[serde(default, deserialize_with = "opt_lenient_string")]
     signing_key: Option<String>,
-    #[serde(default, deserialize_with = "opt_lenient_secret")]
+    #[serde(
+        default,
+        deserialize_with = "opt_lenient_secret",
+        serialize_with = "redacted"
+    )]
     signing_secret: Option<SecretString>,
     signing_secret_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawTenant {
     grant: Grant,
     #[serde(default, deserialize_with = "opt_lenient_string")]
     client_id: Option<String>,
-    #[serde(default, deserialize_with = "opt_lenient_secret")]
+    #[serde(
+        default,
+        deserialize_with = "opt_lenient_secret",
+        serialize_with = "redacted"
+    )]
     client_secret: Option<SecretString>,
     client_secret_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "opt_lenient_string")]
     redirect_uri: Option<String>,
-    #[serde(default, deserialize_with = "opt_lenient_secret")]
+    #[serde(
+        default,
+        deserialize_with = "opt_lenient_secret",
+        serialize_with = "redacted"
+    )]
     refresh_token: Option<SecretString>,
     refresh_token_file: Option<PathBuf>,
 }
 
 /// How a tenant obtains its access tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Grant {
     ClientCredentials,
@@ -206,6 +236,19 @@ fn opt_lenient_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretSt
     Ok(opt_lenient_string(d)?.map(SecretString::from))
 }
 
+/// A secret field prints as `"<redacted>"` whatever it holds.
+fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_some(view::REDACTED),
+        None => s.serialize_none(),
+    }
+}
+
+/// Sizes print as exact byte counts (`ByteSize`'s own text rounds).
+fn exact_bytes<S: Serializer>(size: &bytesize::ByteSize, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(size.as_u64())
+}
+
 // === validated ===
 
 /// A configuration in which every value has been checked.
@@ -244,6 +287,10 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// A client must send its request head within this time.
     pub header_read_timeout: Duration,
+    /// When set, `/oauth/authorize` answers only requests bearing it, from
+    /// anywhere; when not, only clients on loopback. A file is read again
+    /// at each such request.
+    pub admin_token: Option<SecretSource>,
 }
 
 #[derive(Debug, Clone)]
@@ -268,7 +315,7 @@ pub struct ExtraRoots {
 
 fn read_roots(path: &Path) -> Result<ExtraRoots, String> {
     use rustls_pki_types::pem::PemObject;
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let pem = files::read_regular(path, MAX_CA_FILE)?;
     let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
@@ -348,9 +395,12 @@ impl SecretSource {
     }
 }
 
+/// Only a regular file, at most [`MAX_SECRET_FILE`] bytes, opened so that a
+/// FIFO cannot block (see `files.rs`): this runs at every token request.
 fn read_secret_file(path: &Path) -> Result<SecretString, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = files::read_regular(path, MAX_SECRET_FILE)?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err(format!("{} is empty", path.display()));
@@ -386,6 +436,66 @@ fn secret_pair(
             None
         }
     }
+}
+
+/// An admin token travels in `Authorization: Bearer …` as-is. (Its
+/// strength is the operator's: `openssl rand -hex 32` makes a good one.)
+pub fn check_admin_token(token: &str) -> Result<(), String> {
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
+// === bounds ===
+//
+// A value past these is a mistake, and some would crash the process later:
+// `Instant + 3e11 years` panics, so does a semaphore of 2^61 permits.
+
+/// Every timeout and back-off.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// `server.shutdown_grace`: Kubernetes waits `terminationGracePeriodSeconds`.
+const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
+const MAX_CONNECTIONS: usize = 1_000_000;
+const MAX_REPLAY_BODY: u64 = 64 * 1024 * 1024;
+const MAX_HEADER_BYTES: u64 = 1024 * 1024;
+
+/// More than zero, at most `max`.
+fn duration_within(key: &str, d: Duration, max: Duration, bad: &mut impl FnMut(&str, String)) {
+    if d.is_zero() {
+        bad(key, "must be more than 0s".into());
+    } else if d > max {
+        bad(
+            key,
+            format!(
+                "{} is more than the {} allowed",
+                humantime::format_duration(d),
+                humantime::format_duration(max)
+            ),
+        );
+    }
+}
+
+/// The size in bytes, if within `range`.
+fn size_within(
+    key: &str,
+    size: bytesize::ByteSize,
+    range: std::ops::RangeInclusive<u64>,
+    bad: &mut impl FnMut(&str, String),
+) -> usize {
+    let n = size.as_u64();
+    if !range.contains(&n) {
+        let show = |b: u64| bytesize::ByteSize::b(b).display().iec().to_string();
+        bad(
+            key,
+            format!(
+                "{n} bytes is outside {} … {}",
+                show(*range.start()),
+                show(*range.end())
+            ),
+        );
+    }
+    usize::try_from(n.min(*range.end())).unwrap_or(usize::MAX)
 }
 
 // === errors ===
@@ -435,11 +545,8 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = path {
-            if let Err(e) = std::fs::metadata(path) {
-                return Err(ConfigError::one(format!(
-                    "cannot read config file {}: {e}",
-                    path.display()
-                )));
+            if let Err(e) = files::check_regular(path, files::MAX_CONFIG_FILE) {
+                return Err(ConfigError::one(format!("config file: {e}")));
             }
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -461,90 +568,47 @@ impl Config {
         Self::from_figment(Figment::from(Toml::string(text)))
     }
 
-    /// The effective configuration as TOML, every secret redacted.
-    pub fn redacted_toml(&self) -> String {
-        use std::fmt::Write;
-        let s = &self.server;
-        let u = &self.upstream;
-        let r = &self.refresh;
-        let mut out = String::new();
-        let q = |v: &str| toml_quote(v);
-        let _ = writeln!(out, "[server]");
-        let _ = writeln!(out, "listen = {}", q(&s.listen.to_string()));
-        let _ = writeln!(out, "admin_listen = {}", q(&s.admin_listen.to_string()));
-        let _ = writeln!(out, "tenant_header = {}", q(s.tenant_header.as_str()));
-        if let Some(t) = &s.default_tenant {
-            let _ = writeln!(out, "default_tenant = {}", q(t));
-        }
-        let _ = writeln!(out, "max_replay_body = {}", s.max_replay_body);
-        let _ = writeln!(
-            out,
-            "shutdown_grace = {}",
-            q(&humantime::format_duration(s.shutdown_grace).to_string())
-        );
-        if let Some(w) = s.workers {
-            let _ = writeln!(out, "workers = {w}");
-        }
-        let _ = writeln!(out, "max_connections = {}", s.max_connections);
-        let _ = writeln!(out, "max_header_bytes = {}", s.max_header_bytes);
-        let _ = writeln!(
-            out,
-            "header_read_timeout = {}",
-            q(&humantime::format_duration(s.header_read_timeout).to_string())
-        );
-        if let Some(nets) = &s.allowed_clients {
-            let list: Vec<String> = nets.iter().map(|n| q(&n.to_string())).collect();
-            let _ = writeln!(out, "allowed_clients = [{}]", list.join(", "));
-        }
-        let _ = writeln!(out, "\n[upstream]");
-        let _ = writeln!(out, "url = {}", q(u.url.as_str()));
-        let _ = writeln!(out, "token_url = {}", q(u.token_url.as_str()));
-        let _ = writeln!(out, "consent_url = {}", q(u.consent_url.as_str()));
-        let dur = |d: Duration| q(&humantime::format_duration(d).to_string());
-        let _ = writeln!(out, "connect_timeout = {}", dur(u.connect_timeout));
-        let _ = writeln!(out, "timeout = {}", dur(u.timeout));
-        if let Some(r) = &u.extra_roots {
-            let _ = writeln!(out, "ca_file = {}", q(&r.path.display().to_string()));
-        }
-        let _ = writeln!(out, "\n[refresh]");
-        let _ = writeln!(out, "at_fraction = {}", r.at_fraction);
-        let _ = writeln!(out, "wait_timeout = {}", dur(r.wait_timeout));
-        let _ = writeln!(out, "token_timeout = {}", dur(r.token_timeout));
-        let _ = writeln!(out, "max_backoff = {}", dur(r.max_backoff));
-        let _ = writeln!(out, "rejected_backoff = {}", dur(r.rejected_backoff));
-        let _ = writeln!(out, "lazy = {}", r.lazy);
-        if let Some(p) = &self.store.path {
-            let _ = writeln!(out, "\n[store]\npath = {}", q(&p.display().to_string()));
-        }
-        for t in &self.tenants {
-            let _ = writeln!(out, "\n[tenants.{}]", toml_key(&t.name));
-            let _ = writeln!(out, "grant = {}", q(t.grant.as_str()));
-            let _ = writeln!(out, "client_id = {}", q(&t.client_id));
-            match &t.client_secret {
-                SecretSource::Inline(_) => {
-                    let _ = writeln!(out, "client_secret = \"<redacted>\"");
-                }
-                SecretSource::File(p) => {
-                    let _ = writeln!(out, "client_secret_file = {}", q(&p.display().to_string()));
-                }
+    /// The effective configuration as TOML, every secret redacted, every
+    /// file named by its path: valid input to `check-config` again. It is
+    /// printed from the same structs the file is read into (`view.rs`), so
+    /// a key cannot be left out.
+    pub fn redacted_toml(&self) -> Result<String, String> {
+        view::redacted_toml(self)
+    }
+
+    /// Settings that work but deserve a word at start: each names its key.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, url) in [
+            ("upstream.url", &self.upstream.url),
+            ("upstream.token_url", &self.upstream.token_url),
+        ] {
+            if is_plain_http_to_another_host(url) {
+                out.push(format!(
+                    "{key} is plain http:// to {}, which is not loopback: credentials and tokens cross the network unencrypted",
+                    url.host_str().unwrap_or_default()
+                ));
             }
         }
         out
     }
 }
 
-fn toml_quote(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
-}
-
-fn toml_key(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        s.to_owned()
-    } else {
-        toml_quote(s)
+/// `http://` to anything but this machine (`localhost`, `*.localhost`,
+/// 127.0.0.0/8, `::1`): a stand-in on loopback is fine, anything else
+/// carries secrets in clear text.
+fn is_plain_http_to_another_host(url: &Url) -> bool {
+    if url.scheme() != "http" {
+        return false;
+    }
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => !ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => !ip.to_canonical().is_loopback(),
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            !(d == "localhost" || d.ends_with(".localhost"))
+        }
+        None => true,
     }
 }
 
@@ -579,27 +643,62 @@ impl RawConfig {
                 format!("names {d:?}, which is not a configured tenant"),
             );
         }
-        let max_replay_body =
-            usize::try_from(self.server.max_replay_body.as_u64()).unwrap_or(usize::MAX);
+        let max_replay_body = size_within(
+            "server.max_replay_body",
+            self.server.max_replay_body,
+            0..=MAX_REPLAY_BODY,
+            &mut bad,
+        );
         if let Some(w) = self.server.workers
             && !(1..=256).contains(&w)
         {
             bad("server.workers", format!("{w} must be between 1 and 256"));
         }
-        if self.server.max_connections == 0 {
-            bad("server.max_connections", "must be at least 1".into());
+        if !(1..=MAX_CONNECTIONS).contains(&self.server.max_connections) {
+            bad(
+                "server.max_connections",
+                format!(
+                    "{} must be between 1 and {MAX_CONNECTIONS}",
+                    self.server.max_connections
+                ),
+            );
         }
-        let max_header_bytes =
-            usize::try_from(self.server.max_header_bytes.as_u64()).unwrap_or(usize::MAX);
-        if max_header_bytes < 8192 {
-            bad("server.max_header_bytes", "must be at least 8KiB".into());
-        }
-        if self.server.header_read_timeout.is_zero() {
-            bad("server.header_read_timeout", "must be more than 0s".into());
-        }
-        if self.server.shutdown_grace.is_zero() {
-            bad("server.shutdown_grace", "must be more than 0s".into());
-        }
+        let max_header_bytes = size_within(
+            "server.max_header_bytes",
+            self.server.max_header_bytes,
+            8 * 1024..=MAX_HEADER_BYTES,
+            &mut bad,
+        );
+        duration_within(
+            "server.header_read_timeout",
+            self.server.header_read_timeout,
+            MAX_TIMEOUT,
+            &mut bad,
+        );
+        duration_within(
+            "server.shutdown_grace",
+            self.server.shutdown_grace,
+            MAX_SHUTDOWN_GRACE,
+            &mut bad,
+        );
+        let admin_token = match (self.server.admin_token, self.server.admin_token_file) {
+            (None, None) => None,
+            (inline, file) => {
+                secret_pair("server.admin_token", inline, file, &mut bad).filter(|src| {
+                    let key = match src {
+                        SecretSource::Inline(_) => "server.admin_token",
+                        SecretSource::File(_) => "server.admin_token_file",
+                    };
+                    match src.load().map(|t| check_admin_token(t.expose_secret())) {
+                        Ok(Err(e)) | Err(e) => {
+                            bad(key, e);
+                            false
+                        }
+                        Ok(Ok(())) => true,
+                    }
+                })
+            }
+        };
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             bad(
                 "server.admin_listen",
@@ -650,9 +749,7 @@ impl RawConfig {
             ("refresh.max_backoff", self.refresh.max_backoff),
             ("refresh.rejected_backoff", self.refresh.rejected_backoff),
         ] {
-            if d.is_zero() {
-                bad(key, "must be more than 0s".into());
-            }
+            duration_within(key, d, MAX_TIMEOUT, &mut bad);
         }
 
         let f = self.refresh.at_fraction;
@@ -820,6 +917,7 @@ impl RawConfig {
                 max_connections: self.server.max_connections,
                 max_header_bytes,
                 header_read_timeout: self.server.header_read_timeout,
+                admin_token,
             },
             upstream: UpstreamConfig {
                 url: upstream_url.expect("checked above"),
@@ -948,10 +1046,157 @@ mod tests {
     }
 
     #[test]
+    fn values_that_would_crash_later_are_refused_by_name() {
+        let huge = "300000000000years";
+        let cases = [
+            (
+                "server",
+                "max_connections = 2305843009213693952",
+                "server.max_connections",
+            ),
+            (
+                "server",
+                "max_connections = 1000001",
+                "server.max_connections",
+            ),
+            (
+                "server",
+                "max_replay_body = \"1EiB\"",
+                "server.max_replay_body",
+            ),
+            (
+                "server",
+                "max_header_bytes = \"2MiB\"",
+                "server.max_header_bytes",
+            ),
+            ("server", "shutdown_grace = \"2h\"", "server.shutdown_grace"),
+            (
+                "server",
+                &format!("header_read_timeout = \"{huge}\""),
+                "server.header_read_timeout",
+            ),
+            (
+                "upstream",
+                &format!("connect_timeout = \"{huge}\""),
+                "upstream.connect_timeout",
+            ),
+            ("upstream", "timeout = \"25h\"", "upstream.timeout"),
+            (
+                "refresh",
+                &format!("wait_timeout = \"{huge}\""),
+                "refresh.wait_timeout",
+            ),
+            (
+                "refresh",
+                &format!("token_timeout = \"{huge}\""),
+                "refresh.token_timeout",
+            ),
+            (
+                "refresh",
+                &format!("max_backoff = \"{huge}\""),
+                "refresh.max_backoff",
+            ),
+            (
+                "refresh",
+                &format!("rejected_backoff = \"{huge}\""),
+                "refresh.rejected_backoff",
+            ),
+        ];
+        for (section, line, key) in cases {
+            let err = Config::from_toml(&format!("{MINIMAL}\n[{section}]\n{line}\n"))
+                .unwrap_err()
+                .problems;
+            assert_eq!(err.len(), 1, "{line}: {err:?}");
+            assert!(err[0].starts_with(&format!("{key}: ")), "{line}: {err:?}");
+        }
+        // The bounds themselves are accepted.
+        let ok = Config::from_toml(&format!(
+            "{MINIMAL}\n[server]\nmax_connections = 1000000\nshutdown_grace = \"1h\"\n\
+             max_replay_body = \"64MiB\"\nmax_header_bytes = \"1MiB\"\n\
+             [refresh]\nrejected_backoff = \"1day\"\n"
+        ));
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn plain_http_to_another_host_is_warned_about() {
+        let warns = |url: &str| is_plain_http_to_another_host(&Url::parse(url).unwrap());
+        for url in [
+            "http://api.criteo.com",
+            "http://10.0.0.1:8080",
+            "http://[2001:db8::1]/",
+            "http://localhost.example.com/",
+        ] {
+            assert!(warns(url), "{url}");
+        }
+        for url in [
+            "https://api.criteo.com",
+            "http://127.0.0.1:1",
+            "http://127.0.0.2/",
+            "http://[::1]:1/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://localhost:9000/",
+            "http://LOCALHOST./",
+            "http://criteo.localhost/",
+        ] {
+            assert!(!warns(url), "{url}");
+        }
+        let c = Config::from_toml(&format!(
+            "{MINIMAL}\n[upstream]\nurl = \"http://criteo.example\"\ntoken_url = \"http://127.0.0.1:1/t\"\n"
+        ))
+        .unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("upstream.url is plain http:// to criteo.example"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn the_admin_token_is_a_secret_inline_or_in_a_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("admin", "admin-token-from-a-file\n")?;
+            let c = Config::from_toml(&format!(
+                "{MINIMAL}\n[server]\nadmin_token_file = \"admin\"\n"
+            ))
+            .map_err(|e| e.to_string())?;
+            let token = c.server.admin_token.as_ref().unwrap().load().unwrap();
+            assert_eq!(token.expose_secret(), "admin-token-from-a-file");
+            let c = Config::from_toml(&format!(
+                "{MINIMAL}\n[server]\nadmin_token = \"inline-admin-token\"\n"
+            ))
+            .map_err(|e| e.to_string())?;
+            assert!(!format!("{c:?}").contains("inline-admin-token"));
+            let shown = c.redacted_toml().unwrap();
+            assert!(shown.contains("admin_token = \"<redacted>\""), "{shown}");
+            assert!(!shown.contains("inline-admin-token"));
+            for (line, key) in [
+                (
+                    "admin_token = \"x\"\nadmin_token_file = \"admin\"",
+                    "server.admin_token",
+                ),
+                ("admin_token = \"with space\"", "server.admin_token"),
+                ("admin_token = \"  \"", "server.admin_token"),
+                (
+                    "admin_token_file = \"/dev/zero\"",
+                    "server.admin_token_file",
+                ),
+            ] {
+                let err = Config::from_toml(&format!("{MINIMAL}\n[server]\n{line}\n"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.starts_with(&format!("{key}: ")), "{line}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
     fn debug_and_redacted_output_never_show_a_secret() {
         let c = Config::from_toml(MINIMAL).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
-        let shown = c.redacted_toml();
+        let shown = c.redacted_toml().unwrap();
         assert!(!shown.contains("s3cret"));
         assert!(shown.contains("<redacted>"));
         // The effective config is itself a valid config.

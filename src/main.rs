@@ -27,6 +27,8 @@ use url::Url;
 const EXIT_CONFIG: u8 = 78;
 /// Exit code for a command line that cannot be used (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
+/// Longest `consent-url --valid-for`: a consent link is a credential.
+const MAX_VALID_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Debug, Parser)]
 #[command(version, about = "A token-refreshing reverse proxy for the Criteo API")]
@@ -116,11 +118,12 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     if let Some(Command::CheckConfig) = cli.command {
-        print!("{}", config.redacted_toml());
-        eprintln!("configuration is valid");
-        return ExitCode::SUCCESS;
+        return check_config(&config);
     }
     init_tracing(cli.log_format);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     match main_runtime() {
         Ok(runtime) => runtime.block_on(serve(config, config_path, |_| {})),
         Err(code) => code,
@@ -148,6 +151,7 @@ async fn serve(
     reload: Option<PathBuf>,
     announce: impl FnOnce(&Listeners),
 ) -> ExitCode {
+    let shutdown = shutdown_signal();
     let listeners = match Listeners::bind(&config).await {
         Ok(l) => l,
         Err(e) => {
@@ -167,7 +171,7 @@ async fn serve(
         Some(path) => app.reload_from(path),
         None => app,
     };
-    app.run(listeners, shutdown_signal()).await;
+    app.run(listeners, shutdown).await;
     ExitCode::SUCCESS
 }
 
@@ -222,6 +226,23 @@ fn run_dev(log_format: LogFormat) -> ExitCode {
     })
 }
 
+/// `check-config`: the effective configuration on stdout (valid input
+/// again), warnings and the verdict on stderr.
+fn check_config(config: &Config) -> ExitCode {
+    match config.redacted_toml() {
+        Ok(text) => print!("{text}"),
+        Err(e) => {
+            eprintln!("criteo-token-proxy: cannot print the configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    eprintln!("configuration is valid");
+    ExitCode::SUCCESS
+}
+
 fn load(path: Option<&Path>) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("criteo-token-proxy: invalid configuration:");
@@ -247,6 +268,12 @@ fn consent_url(config_path: Option<&Path>, args: &ConsentUrlArgs) -> Result<Stri
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     if let Some(name) = &args.tenant {
+        if args.valid_for > MAX_VALID_FOR {
+            return Err(usage(&format!(
+                "--valid-for must be at most {}",
+                humantime::format_duration(MAX_VALID_FOR)
+            )));
+        }
         let Some(config) = config else {
             return Err(usage("--tenant needs --config"));
         };
@@ -322,24 +349,39 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C). The handlers are
+/// installed now, not when the future is first polled: a signal that
+/// arrives just after the listeners are announced must still drain
+/// gracefully instead of killing the process.
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            () = next(&mut int) => tracing::info!("SIGINT received"),
+            () = next(&mut term) => tracing::info!("SIGTERM received"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// The next delivery of a signal; never, when its handler could not be
+/// installed.
+#[cfg(unix)]
+async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("SIGINT received");
     }
 }

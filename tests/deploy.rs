@@ -175,3 +175,179 @@ fn the_configmap_config_passes_check_config() {
     );
     assert!(ok, "{stderr}");
 }
+
+/// Does this `ports` entry of a NetworkPolicy rule admit TCP `port` (whose
+/// container port is named `name`)?
+fn admits(entry: &Yaml, port: i64, name: &str) -> bool {
+    let tcp = entry["protocol"].as_str().unwrap_or("TCP") == "TCP";
+    let hit = match (&entry["port"], entry["endPort"].as_i64()) {
+        (Yaml::BadValue, _) => true, // no port: every port
+        (Yaml::String(s), _) => s == name,
+        (p, None) => p.as_i64() == Some(port),
+        (p, Some(end)) => p
+            .as_i64()
+            .is_some_and(|start| (start..=end).contains(&port)),
+    };
+    tcp && hit
+}
+
+#[test]
+fn a_network_policy_keeps_the_admin_port_from_the_cluster() {
+    let base = root().join("deploy/kubernetes/base");
+    let k = &load(&base.join("kustomization.yaml"))[0];
+    assert!(
+        k["resources"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_str() == Some("networkpolicy.yaml")),
+        "the kustomization applies the policy"
+    );
+    let docs = load(&base.join("deployment.yaml"));
+    let template = &kind(&docs, "Deployment")["spec"]["template"];
+    let proxy = template["spec"]["initContainers"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str() == Some("criteo-token-proxy"))
+        .unwrap();
+    let admin_port = proxy["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("admin"))
+        .and_then(|p| p["containerPort"].as_i64())
+        .expect("the admin port");
+    assert_eq!(admin_port, 9090);
+
+    let docs = load(&base.join("networkpolicy.yaml"));
+    let spec = &kind(&docs, "NetworkPolicy")["spec"];
+    // It selects the pods the proxy runs in.
+    let selector = spec["podSelector"]["matchLabels"].as_hash().unwrap();
+    assert!(!selector.is_empty());
+    assert!(spec["podSelector"]["matchExpressions"].is_badvalue());
+    for (key, value) in selector {
+        assert_eq!(
+            &template["metadata"]["labels"][key.as_str().unwrap()],
+            value,
+            "the policy selects the proxy's pods"
+        );
+    }
+    let types: Vec<&str> = spec["policyTypes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert!(types.contains(&"Ingress"));
+    // Every rule that admits the admin port names who may use it, and none
+    // of those is "anyone".
+    let rules = spec["ingress"].as_vec().unwrap();
+    let mut restricted = 0;
+    for rule in rules {
+        let admits_admin = match rule["ports"].as_vec() {
+            None => true,
+            Some(ports) => ports.iter().any(|p| admits(p, admin_port, "admin")),
+        };
+        if !admits_admin {
+            continue;
+        }
+        let from = rule["from"]
+            .as_vec()
+            .expect("a rule admitting 9090 names its sources");
+        assert!(!from.is_empty());
+        for peer in from {
+            let open = peer.as_hash().is_none_or(|h| h.is_empty())
+                || ["0.0.0.0/0", "::/0"].contains(&peer["ipBlock"]["cidr"].as_str().unwrap_or(""))
+                || (peer["podSelector"].as_hash().is_some_and(|h| h.is_empty())
+                    && peer["namespaceSelector"]
+                        .as_hash()
+                        .is_some_and(|h| h.is_empty()));
+            assert!(!open, "port {admin_port} is open to anyone: {peer:?}");
+        }
+        restricted += 1;
+    }
+    assert!(restricted >= 1, "Prometheus can still scrape /metrics");
+    // The app's other ports stay reachable.
+    assert!(rules.iter().any(|r| {
+        r["from"].is_badvalue()
+            && r["ports"]
+                .as_vec()
+                .is_some_and(|p| p.iter().any(|e| admits(e, 8000, "http")))
+    }));
+}
+
+/// `check-config`'s output for `config`, and whether that output passes
+/// `check-config` again (with no environment) and prints the same.
+fn round_trip(config: &Path, env: &[(&str, String)], dir: &Path) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let run = |path: &Path, env: &[(&str, String)]| {
+        rt.block_on(async {
+            let mut c = command();
+            c.args(["check-config", "--config", path.to_str().unwrap()]);
+            for (k, v) in env {
+                c.env(k, v);
+            }
+            c.output().await.unwrap()
+        })
+    };
+    let first = run(config, env);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    let printed = String::from_utf8(first.stdout).unwrap();
+    let again = write(dir, "printed.toml", &printed);
+    let second = run(&again, &[]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}\n{printed}");
+    assert_eq!(String::from_utf8(second.stdout).unwrap(), printed);
+    assert!(!printed.contains("s3cret"), "{printed}");
+}
+
+#[test]
+fn the_example_config_as_printed_by_check_config_passes_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(dir.path(), "secret", "s3cret\n");
+    let s = secret.display().to_string();
+    round_trip(
+        &root().join("config/example.toml"),
+        &[
+            ("CRITEO_PROXY_CONSENT__SIGNING_SECRET_FILE", s.clone()),
+            ("CRITEO_PROXY_TENANTS__MAIN__CLIENT_SECRET_FILE", s.clone()),
+            ("CRITEO_PROXY_TENANTS__ACME__CLIENT_SECRET_FILE", s),
+            (
+                "CRITEO_PROXY_STORE__PATH",
+                dir.path().join("tokens.json").display().to_string(),
+            ),
+        ],
+        dir.path(),
+    );
+}
+
+#[test]
+fn the_configmap_config_as_printed_by_check_config_passes_check_config() {
+    let docs = load(&root().join("deploy/kubernetes/base/configmap.yaml"));
+    let toml = kind(&docs, "ConfigMap")["data"]["proxy.toml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "proxy.toml", &toml);
+    let secret = write(dir.path(), "secret", "s3cret\n");
+    round_trip(
+        &path,
+        &[
+            (
+                "CRITEO_PROXY_TENANTS__MAIN__CLIENT_SECRET_FILE",
+                secret.display().to_string(),
+            ),
+            (
+                "CRITEO_PROXY_STORE__PATH",
+                dir.path().join("tokens.json").display().to_string(),
+            ),
+        ],
+        dir.path(),
+    );
+}

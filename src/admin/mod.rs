@@ -1,8 +1,12 @@
 //! The admin listener: liveness, readiness, metrics, the tenant list and
 //! consent onboarding. Nothing here ever shows a secret or a token.
+//! Starting an onboarding is for operators only (`access.rs`).
 
+mod access;
+mod exchanges;
 pub mod onboarding;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -16,6 +20,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use crate::config::SecretSource;
 use crate::error::json_response;
 use crate::metrics::Metrics;
 use crate::tenant::{Tenant, Tenants};
@@ -30,15 +35,24 @@ pub struct Admin {
     tenants: Arc<ArcSwap<Tenants>>,
     metrics: Metrics,
     onboarding: Onboarding,
+    access: access::Access,
     shutting_down: AtomicBool,
 }
 
 impl Admin {
-    pub fn new(tenants: Arc<ArcSwap<Tenants>>, metrics: Metrics, onboarding: Onboarding) -> Self {
+    /// `admin_token` is `server.admin_token(_file)`: when set, only requests
+    /// bearing it may start an onboarding; when not, only loopback clients.
+    pub fn new(
+        tenants: Arc<ArcSwap<Tenants>>,
+        metrics: Metrics,
+        onboarding: Onboarding,
+        admin_token: Option<SecretSource>,
+    ) -> Self {
         Self {
             tenants,
             metrics,
             onboarding,
+            access: access::Access::new(admin_token),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -48,7 +62,8 @@ impl Admin {
         self.shutting_down.store(true, Ordering::Release);
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Answers one request from `peer`, the client's address as accepted.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let query = req.uri().query().map(str::to_owned);
         let query = query.as_deref();
         match (req.method(), req.uri().path()) {
@@ -61,7 +76,12 @@ impl Admin {
                 StatusCode::OK,
                 &json!({"tenants": self.tenants.load().iter().map(|t| describe(t)).collect::<Vec<_>>()}),
             ),
-            (&Method::GET, "/oauth/authorize") => self.onboarding.authorize(query),
+            (&Method::GET, "/oauth/authorize") => {
+                match self.access.check(peer.ip(), req.headers()) {
+                    Some(refused) => refused,
+                    None => self.onboarding.authorize(query),
+                }
+            }
             (&Method::GET, "/oauth/callback") => self.onboarding.callback(query).await,
             (&Method::POST, "/consent/callback") => {
                 let signature = req

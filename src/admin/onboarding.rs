@@ -5,7 +5,8 @@
 //!   tenant and valid ten minutes;
 //! - `GET /oauth/callback?code=…&state=…` (where the tenant's `redirect_uri`
 //!   leads) checks the state, exchanges the code, saves the refresh token
-//!   and puts the access token in service at once;
+//!   and puts the access token in service at once; at most one exchange
+//!   per tenant is in flight and a few start per minute (`exchanges.rs`);
 //! - `POST /consent/callback` takes Criteo's signed consent-delegation
 //!   callback for client-credentials apps.
 
@@ -23,10 +24,11 @@ use secrecy::ExposeSecret;
 use serde_json::json;
 use url::Url;
 
+use super::exchanges::{self, Busy, Exchanges};
 use crate::config::ConsentConfig;
 use crate::error::json_response;
 use crate::metrics::Metrics;
-use crate::oauth::consent::{self, STATE_TTL, StateError};
+use crate::oauth::consent::{self, STATE_TTL, StateClaims, StateError};
 use crate::tenant::Tenants;
 use crate::token::{RefreshGrant, Token};
 
@@ -42,6 +44,7 @@ pub struct Onboarding {
     metrics: Metrics,
     /// Nonces of states already presented, until they would expire anyway.
     used: Mutex<HashMap<String, u64>>,
+    exchanges: Exchanges,
 }
 
 pub fn unix_now() -> u64 {
@@ -65,6 +68,7 @@ impl Onboarding {
             at_fraction,
             metrics,
             used: Mutex::new(HashMap::new()),
+            exchanges: Exchanges::default(),
         }
     }
 
@@ -141,7 +145,7 @@ impl Onboarding {
                 "The callback carries no state. Start again from /oauth/authorize?tenant=NAME.",
             );
         };
-        let (tenant, grant) = match self.check_state(&state) {
+        let (tenant, grant, claims) = match self.verify_state(&state) {
             Ok(found) => found,
             Err(why) => {
                 tracing::warn!(reason = %why, "consent callback refused");
@@ -155,6 +159,9 @@ impl Onboarding {
             }
         };
         if let Some(err) = param(query, "error") {
+            if let Err(why) = self.use_state(claims) {
+                return page(StatusCode::BAD_REQUEST, "Consent failed", &why);
+            }
             let detail = param(query, "error_description").unwrap_or_default();
             tracing::warn!(tenant, error = err, "consent was not given");
             return page(
@@ -176,7 +183,24 @@ impl Onboarding {
         let Some(t) = self.tenants.load().get(&tenant).cloned() else {
             return page(StatusCode::BAD_REQUEST, "Consent failed", "No such tenant.");
         };
+        // The bound comes before the state is spent, so a refused callback
+        // can be retried with the same link.
+        let slot = match self.exchanges.try_begin(&tenant, Instant::now()) {
+            Ok(slot) => slot,
+            Err(busy) => return too_many(&tenant, busy),
+        };
+        if let Err(why) = self.use_state(claims) {
+            tracing::warn!(tenant, reason = %why, "consent callback refused");
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Consent failed",
+                &format!(
+                    "{why}. No code was exchanged. Start again from /oauth/authorize?tenant=NAME."
+                ),
+            );
+        }
         let requested_at = Instant::now();
+        slot.start(requested_at);
         // The code is valid 30 s: the token endpoint timeout is well below.
         match grant.exchange_code(&code).await {
             Ok(granted) => {
@@ -215,9 +239,12 @@ impl Onboarding {
         }
     }
 
-    /// The state's tenant and grant, once its MAC (constant time), expiry
-    /// and single use are checked.
-    fn check_state(&self, state: &str) -> Result<(String, Arc<RefreshGrant>), String> {
+    /// The state's tenant, grant and claims, once its MAC (constant time)
+    /// and expiry are checked. Single use is [`Self::use_state`]'s.
+    fn verify_state(
+        &self,
+        state: &str,
+    ) -> Result<(String, Arc<RefreshGrant>, StateClaims), String> {
         // The tenant is read before the MAC is checked only to find the key.
         let tenant = state
             .split('.')
@@ -235,12 +262,18 @@ impl Onboarding {
         if claims.tenant != tenant {
             return Err(StateError::WrongTenant.to_string());
         }
+        Ok((tenant, grant, claims))
+    }
+
+    /// Spends a verified state: the second use of a nonce is refused.
+    fn use_state(&self, claims: StateClaims) -> Result<(), String> {
+        let now = unix_now();
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         used.retain(|_, exp| *exp > now);
         if used.insert(claims.nonce, claims.expires_at).is_some() {
             return Err("the state was already used".into());
         }
-        Ok((tenant, grant))
+        Ok(())
     }
 
     /// `POST /consent/callback`: Criteo's consent-delegation callback.
@@ -294,6 +327,34 @@ impl Onboarding {
         );
         json_response(StatusCode::OK, &json!({"received": kind}))
     }
+}
+
+/// 429: the tenant's exchange bound is reached; nothing was exchanged.
+fn too_many(tenant: &str, busy: Busy) -> Response<Full<Bytes>> {
+    let (why, retry_after) = match busy {
+        Busy::InFlight => ("another code exchange for this tenant is under way", 1),
+        Busy::TooMany(wait) => (
+            "too many code exchanges for this tenant in the last minute",
+            wait.as_secs().max(1),
+        ),
+    };
+    tracing::warn!(
+        tenant,
+        reason = why,
+        per_minute = exchanges::PER_MINUTE,
+        "consent callback refused"
+    );
+    let mut resp = page(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Consent not processed",
+        &format!(
+            "{why} (tenant {tenant}). No code was exchanged and the link was not used: \
+             try again in {retry_after} s, or start again from /oauth/authorize?tenant={tenant}."
+        ),
+    );
+    resp.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+    resp
 }
 
 fn param(query: Option<&str>, name: &str) -> Option<String> {

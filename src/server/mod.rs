@@ -138,6 +138,7 @@ impl App {
             Arc::clone(&tenants),
             metrics.clone(),
             onboarding,
+            config.server.admin_token.clone(),
         ));
         Ok(Self {
             proxy,
@@ -214,11 +215,11 @@ impl App {
         let graceful = GracefulShutdown::new();
         let builder = worker::http_builder(&self.limits);
         let connections = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
-        let serve_admin = |stream: tokio::net::TcpStream| {
+        let serve_admin = |stream: tokio::net::TcpStream, peer: SocketAddr| {
             let admin = Arc::clone(&self.admin);
             let svc = service_fn(move |req| {
                 let admin = Arc::clone(&admin);
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+                async move { Ok::<_, Infallible>(admin.handle(req, peer).await) }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(stream), svc)
@@ -248,8 +249,8 @@ impl App {
                     workers.dispatch(stream, refuses(self.allowed_clients.as_deref(), peer), permit);
                 }
                 accepted = admin_listener.accept() => {
-                    let Some((stream, _)) = accepted_or_pause(accepted).await else { continue };
-                    serve_admin(stream);
+                    let Some((stream, peer)) = accepted_or_pause(accepted).await else { continue };
+                    serve_admin(stream, peer);
                 }
                 () = &mut shutdown => break,
                 Some(()) = recv(&mut hangup) => {
@@ -279,8 +280,8 @@ impl App {
             tokio::select! {
                 () = &mut drain => break,
                 accepted = admin_listener.accept() => {
-                    if let Some((stream, _)) = accepted_or_pause(accepted).await {
-                        serve_admin(stream);
+                    if let Some((stream, peer)) = accepted_or_pause(accepted).await {
+                        serve_admin(stream, peer);
                     }
                 }
             }
