@@ -114,7 +114,7 @@ impl App {
         let upstream = Upstream::new(&config.upstream)?;
         let endpoint = TokenEndpoint::new(
             config.upstream.token_url.clone(),
-            config.refresh.token_timeout,
+            &config.refresh,
             config.upstream.extra_roots.as_ref(),
         )?;
         let needs_store = config
@@ -392,7 +392,7 @@ mod tests {
         let source = TokenSource::ClientCredentials {
             endpoint: TokenEndpoint::new(
                 app.config.upstream.token_url.clone(),
-                Duration::from_secs(1),
+                &app.config.refresh,
                 None,
             )
             .unwrap(),
