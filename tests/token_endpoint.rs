@@ -14,6 +14,7 @@ use criteo_token_proxy::oauth::consent;
 use criteo_token_proxy::tenant::Tenant;
 use serde_json::{Value, json};
 use support::fake_criteo::Spoil;
+use support::process::{Running, write};
 use support::{FakeCriteo, ProxyBuilder, TestProxy, client};
 
 const ACME_ID: &str = "acme-id";
@@ -413,6 +414,142 @@ async fn a_rotation_slower_than_token_timeout_is_awaited_and_the_tenant_stays_re
 
     proxy.stop().await;
     assert_eq!(fake.spent_presented(), 0);
+    assert_eq!(
+        Some(stored_token(dir.path())),
+        fake.newest_refresh_token(ACME_ID)
+    );
+}
+
+#[tokio::test]
+async fn stopping_waits_for_a_rotation_in_flight_and_saves_its_token() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fake.issue_refresh_token(ACME_ID);
+    let proxy = acme(&fake, dir.path(), Some(&seed))
+        .refresh("token_timeout = \"300ms\"")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    fake.set_answer_delay(Duration::from_secs(1));
+    force_renewal(&fake, &proxy.url);
+    fake.wait_token_requests(2, Duration::from_secs(5)).await;
+
+    proxy.stop().await;
+    assert_eq!(fake.answers_sent(), 2);
+    assert_eq!(
+        Some(stored_token(dir.path())),
+        fake.newest_refresh_token(ACME_ID),
+        "the rotation in flight at shutdown was saved"
+    );
+}
+
+/// The real binary's configuration for `acme`, with extra `[refresh]` and
+/// `[server]` lines.
+fn binary_config(fake: &FakeCriteo, dir: &Path, seed: &str, server: &str, refresh: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndefault_tenant = \"acme\"\n{server}\n\
+         [upstream]\nurl = \"{url}\"\ntoken_url = \"{token_url}\"\n\n\
+         [refresh]\n{refresh}\n\n\
+         [store]\npath = \"{store}\"\n\n\
+         [tenants.acme]\ngrant = \"refresh_token\"\nclient_id = \"{ACME_ID}\"\nclient_secret = \"{ACME_SECRET}\"\n\
+         redirect_uri = \"http://127.0.0.1:9/oauth/callback\"\nrefresh_token = \"{seed}\"\n",
+        url = fake.url(),
+        token_url = fake.token_url(),
+        store = store_path(dir).display(),
+    )
+}
+
+#[tokio::test]
+async fn sigterm_during_a_slow_rotation_keeps_criteos_newest_refresh_token() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fake.issue_refresh_token(ACME_ID);
+    let path = write(
+        dir.path(),
+        "proxy.toml",
+        &binary_config(&fake, dir.path(), &seed, "", "token_timeout = \"300ms\""),
+    );
+    let mut proxy = Running::start(&path, "info").await;
+    proxy.wait_for_message("access token obtained").await;
+    fake.set_answer_delay(Duration::from_millis(1500));
+    force_renewal(&fake, &proxy.proxy);
+    fake.wait_token_requests(2, Duration::from_secs(5)).await;
+
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+    assert_eq!(fake.answers_sent(), 2);
+    assert_eq!(fake.spent_presented(), 0);
+    assert_eq!(
+        Some(stored_token(dir.path())),
+        fake.newest_refresh_token(ACME_ID),
+        "the store holds Criteo's newest refresh token"
+    );
+}
+
+#[tokio::test]
+async fn a_rotation_outlasting_the_shutdown_grace_is_given_up_with_a_log_line() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fake.issue_refresh_token(ACME_ID);
+    let path = write(
+        dir.path(),
+        "proxy.toml",
+        &binary_config(&fake, dir.path(), &seed, "shutdown_grace = \"1s\"", ""),
+    );
+    let mut proxy = Running::start(&path, "info").await;
+    proxy.wait_for_message("access token obtained").await;
+    fake.set_answer_delay(Duration::from_secs(5));
+    force_renewal(&fake, &proxy.proxy);
+    fake.wait_token_requests(2, Duration::from_secs(5)).await;
+
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+    assert_eq!(fake.answers_sent(), 1, "the process did not wait 5 s");
+    let logs = proxy.all_logs();
+    assert!(
+        logs.contains("server.shutdown_grace ran out") && logs.contains("acme"),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_during_a_slow_rotation_neither_waits_for_it_nor_cancels_it() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fake.issue_refresh_token(ACME_ID);
+    let path = write(
+        dir.path(),
+        "proxy.toml",
+        &binary_config(&fake, dir.path(), &seed, "", ""),
+    );
+    let mut proxy = Running::start(&path, "info").await;
+    proxy.wait_for_message("access token obtained").await;
+    fake.set_answer_delay(Duration::from_secs(3));
+    force_renewal(&fake, &proxy.proxy);
+    fake.wait_token_requests(2, Duration::from_secs(5)).await;
+
+    // A changed seed rebuilds the tenant: its refresher is replaced.
+    let changed = binary_config(&fake, dir.path(), "another-seed", "", "");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, changed).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    proxy.signal("-HUP");
+    proxy.wait_for_message("configuration reloaded").await;
+    assert_eq!(
+        fake.answers_sent(),
+        1,
+        "the reload did not wait for the rotation's answer"
+    );
+    assert_eq!(get(&format!("{}/healthz", proxy.admin)).await.status(), 200);
+
+    // The rotation completes; the new refresher starts from its token.
+    fake.wait_answers_sent(3, Duration::from_secs(10)).await;
+    assert_eq!(get(&format!("{}/x", proxy.proxy)).await.status(), 200);
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+    assert_eq!(fake.spent_presented(), 0);
+    let presented = fake.refresh_presented();
+    assert_eq!(presented.len(), 3, "{presented:?}");
     assert_eq!(
         Some(stored_token(dir.path())),
         fake.newest_refresh_token(ACME_ID)
