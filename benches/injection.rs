@@ -29,7 +29,6 @@ fn granted() -> Granted {
     Granted {
         access_token: "eyJhbGciOiJSUzI1NiJ9.".repeat(40).into(),
         expires_in: Duration::from_secs(900),
-        refresh_token: None,
     }
 }
 

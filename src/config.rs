@@ -131,6 +131,10 @@ struct RawRefresh {
     #[serde(with = "humantime_serde")]
     token_timeout: Duration,
     #[serde(with = "humantime_serde")]
+    rotation_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    min_token_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
     max_backoff: Duration,
     #[serde(with = "humantime_serde")]
     rejected_backoff: Duration,
@@ -143,6 +147,8 @@ impl Default for RawRefresh {
             at_fraction: 0.8,
             wait_timeout: Duration::from_secs(5),
             token_timeout: Duration::from_secs(10),
+            rotation_timeout: Duration::from_secs(120),
+            min_token_lifetime: Duration::from_secs(10),
             max_backoff: Duration::from_secs(30),
             rejected_backoff: Duration::from_secs(300),
             lazy: false,
@@ -335,8 +341,14 @@ pub struct RefreshConfig {
     pub at_fraction: f64,
     /// How long a request may wait for a token that is being fetched.
     pub wait_timeout: Duration,
-    /// Bound on one call to the token endpoint.
+    /// Bound on one client-credentials call to the token endpoint.
     pub token_timeout: Duration,
+    /// Bound on a call that may rotate a refresh token (refresh token,
+    /// code exchange): abandoning one that Criteo completes loses the tenant.
+    pub rotation_timeout: Duration,
+    /// A shorter `expires_in` is raised to this; renewals come at most
+    /// every half of it, unless a 401 asks.
+    pub min_token_lifetime: Duration,
     /// Ceiling of the exponential back-off after transient failures.
     pub max_backoff: Duration,
     /// Pause after the token endpoint rejected the credentials.
@@ -746,10 +758,29 @@ impl RawConfig {
             ("upstream.timeout", self.upstream.timeout),
             ("refresh.wait_timeout", self.refresh.wait_timeout),
             ("refresh.token_timeout", self.refresh.token_timeout),
+            ("refresh.rotation_timeout", self.refresh.rotation_timeout),
             ("refresh.max_backoff", self.refresh.max_backoff),
             ("refresh.rejected_backoff", self.refresh.rejected_backoff),
         ] {
             duration_within(key, d, MAX_TIMEOUT, &mut bad);
+        }
+
+        // Compared only once token_timeout is itself sane: one bad key, one line.
+        if self.refresh.token_timeout <= MAX_TIMEOUT
+            && self.refresh.rotation_timeout < self.refresh.token_timeout
+        {
+            bad(
+                "refresh.rotation_timeout",
+                "must be at least refresh.token_timeout: a rotation may take longer, never shorter"
+                    .into(),
+            );
+        }
+        let lifetime = self.refresh.min_token_lifetime;
+        if !(Duration::from_secs(1)..=Duration::from_secs(900)).contains(&lifetime) {
+            bad(
+                "refresh.min_token_lifetime",
+                "must be between 1s and 15m (Criteo's tokens live 15 minutes)".into(),
+            );
         }
 
         let f = self.refresh.at_fraction;
@@ -931,6 +962,8 @@ impl RawConfig {
                 at_fraction: f,
                 wait_timeout: self.refresh.wait_timeout,
                 token_timeout: self.refresh.token_timeout,
+                rotation_timeout: self.refresh.rotation_timeout,
+                min_token_lifetime: self.refresh.min_token_lifetime,
                 max_backoff: self.refresh.max_backoff,
                 rejected_backoff: self.refresh.rejected_backoff,
                 lazy: self.refresh.lazy,
@@ -966,6 +999,8 @@ mod tests {
         assert_eq!(c.server.max_replay_body, 1024 * 1024);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(20));
         assert_eq!(c.refresh.at_fraction, 0.8);
+        assert_eq!(c.refresh.rotation_timeout, Duration::from_secs(120));
+        assert_eq!(c.refresh.min_token_lifetime, Duration::from_secs(10));
         assert_eq!(c.upstream.url.as_str(), "https://api.criteo.com/");
     }
 
@@ -1013,6 +1048,9 @@ mod tests {
             default_tenant = "nobody"
             [refresh]
             at_fraction = 1.5
+            token_timeout = "30s"
+            rotation_timeout = "10s"
+            min_token_lifetime = "0s"
             [tenants.a]
             grant = "client_credentials"
             [tenants.b]
@@ -1025,6 +1063,8 @@ mod tests {
         for key in [
             "server.default_tenant",
             "refresh.at_fraction",
+            "refresh.rotation_timeout",
+            "refresh.min_token_lifetime",
             "tenants.a.client_id",
             "tenants.a.client_secret",
             "tenants.b.client_secret",
@@ -1090,6 +1130,11 @@ mod tests {
                 "refresh",
                 &format!("token_timeout = \"{huge}\""),
                 "refresh.token_timeout",
+            ),
+            (
+                "refresh",
+                &format!("rotation_timeout = \"{huge}\""),
+                "refresh.rotation_timeout",
             ),
             (
                 "refresh",

@@ -28,6 +28,8 @@ url = "{url}"
 token_url = "{token_url}"
 consent_url = "{url}/request"
 
+[refresh]
+{refresh}
 [store]
 path = "{store}"
 
@@ -40,6 +42,11 @@ redirect_uri = "http://{admin}/oauth/callback"
         url = fake.url(),
         token_url = fake.token_url(),
         store = dir.join("tokens.json").display(),
+        refresh = if support::short_tokens(fake) {
+            support::SHORT_TOKENS
+        } else {
+            ""
+        },
     )
 }
 

@@ -69,6 +69,8 @@ fn raw(c: &Config) -> RawConfig {
             at_fraction: r.at_fraction,
             wait_timeout: r.wait_timeout,
             token_timeout: r.token_timeout,
+            rotation_timeout: r.rotation_timeout,
+            min_token_lifetime: r.min_token_lifetime,
             max_backoff: r.max_backoff,
             rejected_backoff: r.rejected_backoff,
             lazy: r.lazy,

@@ -1,22 +1,35 @@
 //! Calls to Criteo's token endpoint (reqwest). Only the background
-//! refresher calls these; the request path never waits on them directly.
+//! refresher and onboarding call these; the request path never waits on
+//! them directly.
+//!
+//! Three rules keep the credentials and the tenants safe. No redirect is
+//! followed: a 307 would re-post the client secret wherever it points.
+//! Answers are read up to 64 KiB, and a 2xx answer gives up its new refresh
+//! token before anything else in it is judged ([`answer`]). A request that
+//! may rotate a refresh token gets its own, long bound
+//! (`refresh.rotation_timeout`): giving up on it while Criteo completes the
+//! rotation anyway would leave the proxy holding a spent token.
 
+pub mod answer;
 pub mod consent;
 
 use std::time::Duration;
 
-use http::StatusCode;
-use http::header::{ACCEPT, CONTENT_TYPE};
+use http::header::{ACCEPT, CONTENT_TYPE, LOCATION};
+use http::{HeaderMap, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-/// The answer of a successful token request.
+pub use answer::{Answer, MAX_ANSWER, MAX_LIFETIME};
+
+use crate::config::RefreshConfig;
+
+/// A usable access token and its lifetime (already clamped to
+/// `refresh.min_token_lifetime ..= MAX_LIFETIME`).
 pub struct Granted {
     pub access_token: SecretString,
     pub expires_in: Duration,
-    /// Present for the authorization-code and refresh-token grants.
-    pub refresh_token: Option<SecretString>,
 }
 
 impl std::fmt::Debug for Granted {
@@ -24,10 +37,6 @@ impl std::fmt::Debug for Granted {
         f.debug_struct("Granted")
             .field("access_token", &"<redacted>")
             .field("expires_in", &self.expires_in)
-            .field(
-                "refresh_token",
-                &self.refresh_token.as_ref().map(|_| "<redacted>"),
-            )
             .finish()
     }
 }
@@ -50,24 +59,14 @@ pub enum GrantError {
     /// consent again. Nothing is sent to the token endpoint.
     #[error("{0}")]
     ConsentRequired(String),
-    /// Network trouble, a timeout, a 5xx or 429, or an unreadable answer.
+    /// Network trouble, a timeout, a 5xx or 429, a redirect, or an
+    /// unusable answer.
     #[error("token request failed: {0}")]
     Transient(String),
 }
 
 fn describe(d: &Option<String>) -> String {
     d.as_ref().map(|d| format!(": {d}")).unwrap_or_default()
-}
-
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: String,
-    #[serde(default)]
-    token_type: Option<String>,
-    #[serde(default)]
-    expires_in: Option<u64>,
-    #[serde(default)]
-    refresh_token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -82,15 +81,17 @@ struct OAuthError {
 pub struct TokenEndpoint {
     http: reqwest::Client,
     url: Url,
+    /// Bound on a client-credentials request: nothing is lost by giving up.
+    token_timeout: Duration,
+    /// Bound on a request that may rotate a refresh token.
+    rotation_timeout: Duration,
+    min_lifetime: Duration,
 }
-
-/// Criteo's tokens live 900 s; used when an answer omits `expires_in`.
-const DEFAULT_LIFETIME: Duration = Duration::from_secs(900);
 
 impl TokenEndpoint {
     pub fn new(
         url: Url,
-        timeout: Duration,
+        refresh: &RefreshConfig,
         extra_roots: Option<&crate::config::ExtraRoots>,
     ) -> Result<Self, reqwest::Error> {
         let mut builder = reqwest::Client::builder();
@@ -100,15 +101,22 @@ impl TokenEndpoint {
             }
         }
         let http = builder
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            // Each request carries its own bound (see `post`).
+            .connect_timeout(refresh.token_timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("criteo-token-proxy/", env!("CARGO_PKG_VERSION")))
             // Like the API client, talk to the token endpoint directly:
             // an HTTP(S)_PROXY variable meant for other programs must not
             // silently reroute credentials.
             .no_proxy()
             .build()?;
-        Ok(Self { http, url })
+        Ok(Self {
+            http,
+            url,
+            token_timeout: refresh.token_timeout,
+            rotation_timeout: refresh.rotation_timeout,
+            min_lifetime: refresh.min_token_lifetime,
+        })
     }
 
     pub fn url(&self) -> &Url {
@@ -121,28 +129,29 @@ impl TokenEndpoint {
         client_id: &str,
         client_secret: &SecretString,
     ) -> Result<Granted, GrantError> {
-        self.post(&[
+        let form = [
             ("grant_type", "client_credentials"),
             ("client_id", client_id),
             ("client_secret", client_secret.expose_secret()),
-        ])
-        .await
+        ];
+        self.post(&form, self.token_timeout).await?.access
     }
 
-    /// `grant_type=refresh_token`: answers with a new, rotated refresh token.
+    /// `grant_type=refresh_token`: answers with a new, rotated refresh
+    /// token, which the caller must save before anything else.
     pub async fn refresh_token(
         &self,
         client_id: &str,
         client_secret: &SecretString,
         refresh_token: &SecretString,
-    ) -> Result<Granted, GrantError> {
-        self.post(&[
+    ) -> Result<Answer, GrantError> {
+        let form = [
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose_secret()),
             ("client_id", client_id),
             ("client_secret", client_secret.expose_secret()),
-        ])
-        .await
+        ];
+        self.post(&form, self.rotation_timeout).await
     }
 
     /// `grant_type=authorization_code`: trades a consent's code (valid 30 s,
@@ -153,73 +162,109 @@ impl TokenEndpoint {
         client_secret: &SecretString,
         code: &str,
         redirect_uri: &str,
-    ) -> Result<Granted, GrantError> {
-        self.post(&[
+    ) -> Result<Answer, GrantError> {
+        let form = [
             ("grant_type", "authorization_code"),
             ("code", code),
             ("redirect_uri", redirect_uri),
             ("client_id", client_id),
             ("client_secret", client_secret.expose_secret()),
-        ])
-        .await
+        ];
+        self.post(&form, self.rotation_timeout).await
     }
 
-    async fn post(&self, form: &[(&str, &str)]) -> Result<Granted, GrantError> {
-        // `.form()` sets `Content-Type: application/x-www-form-urlencoded`,
-        // which Criteo requires; it is repeated here to make it explicit.
-        let resp = self
-            .http
-            .post(self.url.clone())
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(ACCEPT, "application/json")
-            .form(form)
-            .send()
-            .await
-            .map_err(|e| GrantError::Transient(describe_reqwest(&e)))?;
+    /// One call, bounded by `timeout` from connect to the answer's last
+    /// byte. `Ok` means a 2xx answer, however unusable its rest.
+    async fn post(&self, form: &[(&str, &str)], timeout: Duration) -> Result<Answer, GrantError> {
+        let resp = self.send(form, timeout).await?;
         let status = resp.status();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| GrantError::Transient(describe_reqwest(&e)))?;
+        if status.is_redirection() {
+            return Err(redirected(status, resp.headers(), &self.url));
+        }
+        let (body, cut) = read_capped(resp, timeout).await;
         if status.is_success() {
-            return parse_success(&body);
+            return Ok(answer::parse(&body, cut, self.min_lifetime));
         }
         Err(classify_failure(status, &body))
     }
+
+    async fn send(
+        &self,
+        form: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<reqwest::Response, GrantError> {
+        // `.form()` sets `Content-Type: application/x-www-form-urlencoded`,
+        // which Criteo requires; it is repeated here to make it explicit.
+        let request = || {
+            self.http
+                .post(self.url.clone())
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header(ACCEPT, "application/json")
+                .form(form)
+                .timeout(timeout)
+                .send()
+        };
+        match request().await {
+            Ok(resp) => Ok(resp),
+            // No connection, so the request provably never left: sending it
+            // again at once presents nothing twice. Any other failure may
+            // have reached Criteo, and waits for the refresher's back-off.
+            Err(e) if e.is_connect() => {
+                tracing::debug!(error = %describe_reqwest(&e), "cannot connect to the token endpoint; trying again at once");
+                request()
+                    .await
+                    .map_err(|e| GrantError::Transient(transport(&e, timeout)))
+            }
+            Err(e) => Err(GrantError::Transient(transport(&e, timeout))),
+        }
+    }
 }
 
-fn parse_success(body: &[u8]) -> Result<Granted, GrantError> {
-    let t: TokenResponse = serde_json::from_slice(body).map_err(|e| {
-        GrantError::Transient(format!("the token endpoint answered unreadable JSON: {e}"))
-    })?;
-    if let Some(tt) = &t.token_type
-        && !tt.eq_ignore_ascii_case("bearer")
-    {
-        return Err(GrantError::Transient(format!(
-            "the token endpoint answered token_type {tt:?}, not Bearer"
-        )));
+/// The answer's body up to [`MAX_ANSWER`] bytes, and why it is incomplete
+/// (too large, or broken off), if it is.
+async fn read_capped(mut resp: reqwest::Response, timeout: Duration) -> (Vec<u8>, Option<String>) {
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(None) => return (body, None),
+            Ok(Some(chunk)) => {
+                let room = MAX_ANSWER - body.len();
+                if chunk.len() > room {
+                    body.extend_from_slice(&chunk[..room]);
+                    let why = format!(
+                        "the token endpoint answered more than {} KiB",
+                        MAX_ANSWER / 1024
+                    );
+                    return (body, Some(why));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Err(e) => return (body, Some(transport(&e, timeout))),
+        }
     }
-    if t.access_token.is_empty()
-        || !t
-            .access_token
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"')
-    {
-        return Err(GrantError::Transient(
-            "the token endpoint answered an empty or malformed access_token".into(),
-        ));
-    }
-    Ok(Granted {
-        access_token: SecretString::from(t.access_token),
-        expires_in: t
-            .expires_in
-            .map(|s| Duration::from_secs(s.max(1)))
-            .unwrap_or(DEFAULT_LIFETIME),
-        refresh_token: t
-            .refresh_token
-            .filter(|r| !r.is_empty())
-            .map(SecretString::from),
-    })
+}
+
+/// A 3xx is never followed; the message names where it pointed (no query,
+/// no user info), so that a wrong `token_url` is easy to fix.
+fn redirected(status: StatusCode, headers: &HeaderMap, base: &Url) -> GrantError {
+    let target = headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| base.join(l).ok())
+        .map_or_else(
+            || "an unreadable location".to_owned(),
+            |u| {
+                format!(
+                    "{}{}",
+                    u.origin().ascii_serialization(),
+                    truncate(u.path(), 100)
+                )
+            },
+        );
+    GrantError::Transient(format!(
+        "the token endpoint answered {status}, a redirect to {target}; redirects are not followed \
+         (they would carry the client secret elsewhere): check upstream.token_url"
+    ))
 }
 
 fn classify_failure(status: StatusCode, body: &[u8]) -> GrantError {
@@ -251,8 +296,22 @@ fn classify_failure(status: StatusCode, body: &[u8]) -> GrantError {
     }
 }
 
+/// At most `max` characters, control characters dropped (the text comes
+/// from the peer and goes to logs and pages).
 fn truncate(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+    s.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
+/// A transport failure in words; a timeout says which bound ran out.
+fn transport(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        format!(
+            "no answer from the token endpoint within {}",
+            humantime::format_duration(timeout)
+        )
+    } else {
+        describe_reqwest(e)
+    }
 }
 
 /// reqwest's errors name the URL, never the form body.
@@ -289,12 +348,37 @@ mod tests {
 
     #[test]
     fn a_success_is_parsed_and_never_debug_printed() {
-        let g =
-            parse_success(br#"{"access_token":"abc.def","token_type":"Bearer","expires_in":900}"#)
-                .unwrap();
+        let parse = |b: &[u8]| answer::parse(b, None, Duration::from_secs(10));
+        let a = parse(
+            br#"{"access_token":"abc.def","token_type":"Bearer","expires_in":900,"refresh_token":"r.t"}"#,
+        );
+        assert!(!format!("{a:?}").contains("r.t"));
+        let g = a.access.unwrap();
         assert_eq!(g.expires_in, Duration::from_secs(900));
         assert!(!format!("{g:?}").contains("abc.def"));
-        assert!(parse_success(br#"{"access_token":"a b","token_type":"Bearer"}"#).is_err());
-        assert!(parse_success(br#"{"access_token":"x","token_type":"mac"}"#).is_err());
+        assert!(
+            parse(br#"{"access_token":"a b","token_type":"Bearer"}"#)
+                .access
+                .is_err()
+        );
+        assert!(
+            parse(br#"{"access_token":"x","token_type":"mac"}"#)
+                .access
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_redirect_names_its_target_without_query_or_user_info() {
+        let base = Url::parse("https://api.criteo.com/oauth2/token").unwrap();
+        let mut h = HeaderMap::new();
+        let evil = "https://u:pw@evil.example:8443/grab?secret=1#f";
+        h.insert(LOCATION, evil.parse().unwrap());
+        let e = redirected(StatusCode::TEMPORARY_REDIRECT, &h, &base).to_string();
+        assert!(e.contains("https://evil.example:8443/grab"), "{e}");
+        assert!(!e.contains("secret=1") && !e.contains("pw"), "{e}");
+        h.insert(LOCATION, "/elsewhere?x=1".parse().unwrap());
+        let e = redirected(StatusCode::FOUND, &h, &base).to_string();
+        assert!(e.contains("https://api.criteo.com/elsewhere;"), "{e}");
     }
 }

@@ -1,7 +1,8 @@
 //! Wiring and lifecycle: build the tenants and clients, start one
 //! refresher per tenant, accept on both listeners, and shut down in
 //! bounded stages (stop accepting; let in-flight requests finish within
-//! `server.shutdown_grace`; stop the refreshers).
+//! `server.shutdown_grace`; stop the refreshers, letting a rotation in
+//! flight finish and save within what is left of that grace).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -114,7 +115,7 @@ impl App {
         let upstream = Upstream::new(&config.upstream)?;
         let endpoint = TokenEndpoint::new(
             config.upstream.token_url.clone(),
-            config.refresh.token_timeout,
+            &config.refresh,
             config.upstream.extra_roots.as_ref(),
         )?;
         let needs_store = config
@@ -267,6 +268,10 @@ impl App {
             }
         }
 
+        // Every stage together ends by this deadline.
+        let deadline = tokio::time::Instant::now()
+            .checked_add(self.shutdown_grace)
+            .unwrap_or_else(tokio::time::Instant::now);
         // Stage 1: refuse new proxy connections; /readyz answers 503 at once
         // (the admin listener stays open so probes see it).
         self.admin.begin_shutdown();
@@ -292,9 +297,10 @@ impl App {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         tracing::info!("connections closed");
-        // Stage 3: stop the refreshers (each after its token request, if
-        // one is under way).
-        refreshers.stop_all().await;
+        // Stage 3: stop the refreshers. One in the middle of a token request
+        // (a rotation, whose new refresh token must reach the store) gets
+        // until the deadline to finish it.
+        refreshers.stop_all(deadline).await;
     }
 
     /// The current tenant set.
@@ -393,7 +399,7 @@ mod tests {
         let source = TokenSource::ClientCredentials {
             endpoint: TokenEndpoint::new(
                 app.config.upstream.token_url.clone(),
-                Duration::from_secs(1),
+                &app.config.refresh,
                 None,
             )
             .unwrap(),

@@ -1,13 +1,22 @@
 //! The refresher tasks, one per tenant, started and stopped as tenants come
-//! and go. A refresher is stopped by a signal it checks between token
-//! requests, never aborted in the middle of one: aborting a refresh-token
-//! rotation after Criteo answered would lose the new refresh token.
+//! and go.
+//!
+//! A refresher is stopped by a signal it checks between token requests,
+//! never aborted in the middle of one: aborting a refresh-token rotation
+//! after Criteo answered would lose the new refresh token. Nor does anyone
+//! wait for it on the spot: a reload (which runs in the accept loop) only
+//! signals, and the stopped refresher finishes its rotation and its save on
+//! its own. A tenant started again under the same name begins only once its
+//! previous refresher has ended, and reads the store after that, so that it
+//! never presents a refresh token the previous one has just spent. At
+//! shutdown, the refreshers get what is left of `server.shutdown_grace`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::config::{Grant, RefreshConfig, TenantConfig};
 use crate::oauth::TokenEndpoint;
@@ -19,8 +28,16 @@ use crate::token::{RefreshGrant, TokenSource, refresher};
 const MAX_CONCURRENT_FETCHES: usize = 32;
 
 #[derive(Debug)]
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Debug)]
 pub(crate) struct Refreshers {
-    tasks: HashMap<Arc<str>, (watch::Sender<bool>, JoinHandle<()>)>,
+    tasks: HashMap<Arc<str>, Running>,
+    /// Stopped refreshers that may still be finishing a token request.
+    stopping: HashMap<Arc<str>, JoinHandle<()>>,
     fetches: Arc<Semaphore>,
     pub(crate) refresh: RefreshConfig,
     endpoint: TokenEndpoint,
@@ -35,6 +52,7 @@ impl Refreshers {
     ) -> Self {
         Self {
             tasks: HashMap::new(),
+            stopping: HashMap::new(),
             fetches: Arc::new(Semaphore::new(MAX_CONCURRENT_FETCHES)),
             refresh,
             endpoint,
@@ -42,50 +60,100 @@ impl Refreshers {
         }
     }
 
-    /// Builds the tenant's token source and starts its refresher.
+    /// Starts the tenant's refresher: at once, or, if a refresher of the
+    /// same name is still finishing, as soon as it has ended.
     pub(crate) fn start(&mut self, tenant: Arc<Tenant>, config: &TenantConfig) {
-        let source = match (config.grant, &self.store) {
-            (Grant::RefreshToken, Some(store)) => {
-                let grant = Arc::new(RefreshGrant::new(
-                    config,
-                    self.endpoint.clone(),
-                    Arc::clone(store),
-                ));
-                tenant.refresh.store(Some(Arc::clone(&grant)));
-                TokenSource::RefreshToken(grant)
-            }
-            _ => TokenSource::ClientCredentials {
-                endpoint: self.endpoint.clone(),
-                client_id: config.client_id.clone(),
-                client_secret: config.client_secret.clone(),
-            },
-        };
+        self.stop(&tenant.name);
+        let previous = self.stopping.remove(&tenant.name);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(refresher::run(
-            Arc::clone(&tenant),
-            source,
-            self.refresh.clone(),
-            Arc::clone(&self.fetches),
-            stop_rx,
-        ));
-        self.tasks.insert(Arc::clone(&tenant.name), (stop, task));
+        let task = match previous {
+            // Built now, so that onboarding finds the tenant's grant at once.
+            None => {
+                let source = self.source(&tenant, config);
+                tokio::spawn(refresher::run(
+                    tenant.clone(),
+                    source,
+                    self.refresh.clone(),
+                    Arc::clone(&self.fetches),
+                    stop_rx,
+                ))
+            }
+            Some(previous) => {
+                let (endpoint, store) = (self.endpoint.clone(), self.store.clone());
+                let (refresh, fetches) = (self.refresh.clone(), Arc::clone(&self.fetches));
+                let (tenant, config) = (Arc::clone(&tenant), config.clone());
+                tokio::spawn(async move {
+                    let _ = previous.await;
+                    if *stop_rx.borrow() {
+                        return;
+                    }
+                    // The store is read only now, after the previous
+                    // refresher's last save.
+                    let source = source(&tenant, &config, endpoint, store);
+                    refresher::run(tenant, source, refresh, fetches, stop_rx).await;
+                })
+            }
+        };
+        self.tasks
+            .insert(Arc::clone(&tenant.name), Running { stop, task });
     }
 
-    /// Stops a tenant's refresher once its current token request (if any)
-    /// is over.
-    pub(crate) async fn stop(&mut self, name: &str) {
-        if let Some((stop, task)) = self.tasks.remove(name) {
-            let _ = stop.send(true);
-            let _ = task.await;
+    fn source(&self, tenant: &Tenant, config: &TenantConfig) -> TokenSource {
+        source(tenant, config, self.endpoint.clone(), self.store.clone())
+    }
+
+    /// Tells a tenant's refresher to stop once its current token request
+    /// (if any) is over, without waiting for it.
+    pub(crate) fn stop(&mut self, name: &str) {
+        self.stopping.retain(|_, task| !task.is_finished());
+        if let Some((name, running)) = self.tasks.remove_entry(name) {
+            let _ = running.stop.send(true);
+            self.stopping.insert(name, running.task);
         }
     }
 
-    pub(crate) async fn stop_all(&mut self) {
-        for (_, (stop, _)) in self.tasks.iter() {
-            let _ = stop.send(true);
+    /// Stops every refresher and waits, until `deadline`, for those still
+    /// finishing a token request (a rotation and its save).
+    pub(crate) async fn stop_all(&mut self, deadline: Instant) {
+        let names: Vec<Arc<str>> = self.tasks.keys().cloned().collect();
+        for name in names {
+            self.stop(&name);
         }
-        for (_, (_, task)) in self.tasks.drain() {
-            let _ = task.await;
+        let mut unfinished = Vec::new();
+        for (name, mut task) in self.stopping.drain() {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                unfinished.push(name);
+            }
         }
+        if !unfinished.is_empty() {
+            unfinished.sort();
+            tracing::error!(
+                tenants = %unfinished.join(", "),
+                "server.shutdown_grace ran out while these tenants were still calling the token endpoint; \
+                 a refresh token rotated now may be lost (the tenant then needs a new consent)"
+            );
+        }
+    }
+}
+
+/// The tenant's token source; for a refresh-token tenant, its grant (which
+/// reads the store now) is also handed to onboarding.
+fn source(
+    tenant: &Tenant,
+    config: &TenantConfig,
+    endpoint: TokenEndpoint,
+    store: Option<Arc<TokenStore>>,
+) -> TokenSource {
+    match (config.grant, store) {
+        (Grant::RefreshToken, Some(store)) => {
+            let grant = Arc::new(RefreshGrant::new(config, endpoint, store));
+            tenant.refresh.store(Some(Arc::clone(&grant)));
+            TokenSource::RefreshToken(grant)
+        }
+        _ => TokenSource::ClientCredentials {
+            endpoint,
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+        },
     }
 }

@@ -133,8 +133,11 @@ impl Reloader {
 
         let previous = self.tenants.load_full();
         let (tenants, changes) = Tenants::rebuild(&config, &self.metrics, Some(&previous));
+        // Stopping only signals: a refresher in the middle of a rotation
+        // finishes it (and its save) on its own, and its successor waits
+        // for it. The reload, which runs in the accept loop, never waits.
         for name in &changes.stop {
-            refreshers.stop(name).await;
+            refreshers.stop(name);
         }
         // Kept tenants stuck on rejected credentials or a missing consent
         // start over: their secret or seed file may have been fixed.
@@ -150,7 +153,7 @@ impl Reloader {
             }
         }
         for (t, _) in &restart {
-            refreshers.stop(&t.name).await;
+            refreshers.stop(&t.name);
         }
         let (added, removed) = (changes.start.len(), changes.stop.len());
         self.tenants.store(Arc::new(tenants));

@@ -143,7 +143,9 @@ impl TokenCell {
         newer_than: u64,
         wait: Duration,
     ) -> Result<Arc<Token>, Unavailable> {
-        let deadline = tokio::time::Instant::now() + wait;
+        let now = tokio::time::Instant::now();
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let deadline = now.checked_add(wait.min(year)).unwrap_or(now);
         let mut attempts = self.attempts.subscribe();
         loop {
             if let Some(t) = self.usable()

@@ -19,7 +19,7 @@ pub use cell::{Health, State, TokenCell, Unavailable};
 pub use refresh_grant::RefreshGrant;
 pub use source::TokenSource;
 
-use crate::oauth::Granted;
+use crate::oauth::{Granted, MAX_LIFETIME};
 
 /// One access token, with its `Authorization` value built once, so that
 /// injecting it costs a refcount and a header insert.
@@ -54,31 +54,51 @@ impl fmt::Debug for Token {
     }
 }
 
+/// Why an answer's access token cannot be put in service.
+#[derive(Debug, thiserror::Error)]
+pub enum UnusableToken {
+    #[error("the access token is not a valid header value")]
+    Header,
+    #[error("the access token's lifetime is out of the clock's range")]
+    Lifetime,
+}
+
 impl Token {
     /// `requested_at` is when the token request was sent: the lifetime is
-    /// counted from then, never from the (later) answer.
+    /// counted from then, never from the (later) answer. Lifetimes past
+    /// [`MAX_LIFETIME`] are cut to it, and every instant is computed with
+    /// checked arithmetic: no answer can panic the proxy.
     pub fn new(
         granted: &Granted,
         requested_at: Instant,
         at_fraction: f64,
         generation: u64,
-    ) -> Result<Self, http::header::InvalidHeaderValue> {
+    ) -> Result<Self, UnusableToken> {
         let mut header = HeaderValue::from_maybe_shared(Bytes::from(format!(
             "Bearer {}",
             granted.access_token.expose_secret()
-        )))?;
+        )))
+        .map_err(|_| UnusableToken::Header)?;
         header.set_sensitive(true);
-        let lifetime = granted.expires_in;
+        let lifetime = granted.expires_in.min(MAX_LIFETIME);
         let (refresh_in, usable_for) = schedule(lifetime, at_fraction, rand::rng().random());
-        let left = (requested_at + usable_for).saturating_duration_since(Instant::now());
+        let at = |d: Duration| requested_at.checked_add(d).ok_or(UnusableToken::Lifetime);
+        let usable_until = at(usable_for)?;
+        // The coarse clock counts whole seconds in 32 bits: a day fits.
+        let left = usable_until
+            .saturating_duration_since(Instant::now())
+            .min(MAX_LIFETIME);
+        let usable_until_coarse = coarsetime::Instant::now()
+            .checked_add(coarsetime::Duration::from(left))
+            .ok_or(UnusableToken::Lifetime)?;
         Ok(Self {
-            usable_until_coarse: coarsetime::Instant::now() + coarsetime::Duration::from(left),
+            usable_until_coarse,
             header,
             generation,
             lifetime,
             obtained_at: requested_at,
-            refresh_at: requested_at + refresh_in,
-            usable_until: requested_at + usable_for,
+            refresh_at: at(refresh_in)?,
+            usable_until,
         })
     }
 
@@ -125,9 +145,22 @@ impl Token {
 /// tenants do not renew in lockstep. The token is used until a safety
 /// margin before its expiry (half the time after renewal, at most 30 s), so
 /// that clock skew and transit time never let an expired token through.
+/// Total: any input gives an answer (lifetimes past [`MAX_LIFETIME`] count
+/// as that), never a panic.
 pub fn schedule(lifetime: Duration, at_fraction: f64, jitter: f64) -> (Duration, Duration) {
+    let lifetime = lifetime.min(MAX_LIFETIME);
+    let at_fraction = if at_fraction.is_nan() {
+        0.8
+    } else {
+        at_fraction.clamp(0.0, 1.0)
+    };
+    let jitter = if jitter.is_nan() {
+        0.0
+    } else {
+        jitter.clamp(0.0, 1.0)
+    };
     let due = lifetime.mul_f64(at_fraction);
-    let refresh_in = due.mul_f64(1.0 - 0.1 * jitter.clamp(0.0, 1.0));
+    let refresh_in = due.mul_f64(1.0 - 0.1 * jitter);
     let margin = lifetime
         .mul_f64((1.0 - at_fraction) / 2.0)
         .min(Duration::from_secs(30));
@@ -159,11 +192,42 @@ mod tests {
         let g = Granted {
             access_token: "very-secret-token".to_owned().into(),
             expires_in: Duration::from_secs(900),
-            refresh_token: None,
         };
         let t = Token::new(&g, Instant::now(), 0.8, 1).unwrap();
         assert!(!format!("{t:?}").contains("very-secret"));
         assert!(!format!("{:?}", t.header()).contains("very-secret"));
         assert_eq!(t.header().to_str().unwrap(), "Bearer very-secret-token");
+    }
+
+    #[test]
+    fn any_lifetime_makes_a_usable_token_and_no_panic() {
+        for secs in [0, 1, 900, 1 << 32, 10_000_000_000_000_000_000, u64::MAX] {
+            let g = Granted {
+                access_token: "t".to_owned().into(),
+                expires_in: Duration::from_secs(secs),
+            };
+            let t = Token::new(&g, Instant::now(), 0.8, 1).unwrap();
+            assert!(t.remaining(Instant::now()) <= MAX_LIFETIME);
+            if secs >= 1 {
+                assert!(t.is_usable_now(), "{secs}");
+                assert!(t.is_usable(Instant::now()), "{secs}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn schedule_never_panics_and_renews_before_the_end(
+            secs in proptest::prelude::any::<u64>(),
+            nanos in 0u32..1_000_000_000,
+            at_fraction in proptest::prelude::any::<f64>(),
+            jitter in proptest::prelude::any::<f64>(),
+        ) {
+            let (refresh, usable) = schedule(Duration::new(secs, nanos), at_fraction, jitter);
+            proptest::prop_assert!(usable <= MAX_LIFETIME);
+            proptest::prop_assert!(refresh <= usable || secs == 0);
+        }
     }
 }

@@ -1,17 +1,21 @@
 //! A refresh-token tenant: an advertiser's consent, carried by a refresh
 //! token that rotates on every use. Losing the newest one loses the tenant,
 //! so every new refresh token is on disk (the [`TokenStore`]) before the
-//! access token that came with it is used, and every use of the refresh
-//! token (renewal, onboarding) is serialised behind one lock.
+//! access token that came with it is used (or judged: a 2xx answer has
+//! spent the old token whatever else is wrong with it), and every change
+//! of the refresh token (renewal, onboarding) is serialised behind one
+//! lock. Onboarding's code exchange takes that lock only to install its
+//! result, never while it waits on the token endpoint, so that bogus
+//! callbacks cannot hold up renewals.
 
 use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use crate::config::{SecretSource, TenantConfig};
-use crate::oauth::{GrantError, Granted, TokenEndpoint};
+use crate::oauth::{Answer, GrantError, Granted, TokenEndpoint};
 use crate::store::TokenStore;
 
 #[derive(Debug)]
@@ -24,6 +28,8 @@ pub struct RefreshGrant {
     store: Arc<TokenStore>,
     seed: Option<SecretSource>,
     chain: Mutex<Chain>,
+    /// Asks the refresher to renew at once (see [`Self::exchange_code`]).
+    renew: Notify,
 }
 
 /// The refresh token in hand, and what is known about it.
@@ -67,6 +73,7 @@ impl RefreshGrant {
                 seed_tried,
                 unsaved: false,
             }),
+            renew: Notify::new(),
         }
     }
 
@@ -114,16 +121,7 @@ impl RefreshGrant {
                 .refresh_token(&self.client_id, &secret, &refresh_token)
                 .await
             {
-                Ok(granted) => {
-                    if let Some(next) = &granted.refresh_token {
-                        // The old token is spent the moment this answer
-                        // exists: from here on only `next` is worth anything.
-                        chain.current = Some(next.clone());
-                        chain.unsaved = true;
-                        self.save(&mut chain).await?;
-                    }
-                    return Ok(granted);
-                }
+                Ok(answer) => return self.rotated(&mut chain, answer).await,
                 Err(GrantError::InvalidGrant { description }) => {
                     tracing::warn!(
                         tenant = &*self.tenant,
@@ -156,25 +154,80 @@ impl RefreshGrant {
         }
     }
 
+    /// A 2xx answer to `grant_type=refresh_token`: the old token is spent
+    /// the moment it exists, so its new refresh token is saved before the
+    /// rest is looked at. A bad rest is then a transient failure, and the
+    /// next renewal presents the saved token.
+    async fn rotated(&self, chain: &mut Chain, answer: Answer) -> Result<Granted, GrantError> {
+        let Some(next) = answer.refresh_token else {
+            tracing::warn!(
+                tenant = &*self.tenant,
+                "the token endpoint renewed without a usable refresh_token; the one presented is kept"
+            );
+            return answer.access;
+        };
+        chain.current = Some(next);
+        chain.unsaved = true;
+        self.save(chain).await?;
+        answer.access.map_err(|e| {
+            GrantError::Transient(format!(
+                "{e} (its new refresh token was saved; the next renewal uses it)"
+            ))
+        })
+    }
+
     /// Onboarding: trades a consent's code for the first tokens, saves the
     /// refresh token, and makes it the one renewals use.
+    ///
+    /// The exchange runs without the chain's lock, so that it never holds
+    /// up a renewal; the lock is taken only to install its refresh token,
+    /// which supersedes whatever a renewal had meanwhile (a newer consent
+    /// wins). If the answer's access token is unusable, the saved refresh
+    /// token is renewed at once.
     pub async fn exchange_code(&self, code: &str) -> Result<Granted, GrantError> {
-        let mut chain = self.chain.lock().await;
         let secret = self.secret()?;
-        let granted = self
+        let answer = self
             .endpoint
             .authorization_code(&self.client_id, &secret, code, &self.redirect_uri)
             .await?;
-        let Some(refresh_token) = &granted.refresh_token else {
+        let Some(refresh_token) = answer.refresh_token else {
             return Err(GrantError::Transient(
-                "the token endpoint answered the code without a refresh_token".into(),
+                "the token endpoint answered the code without a usable refresh_token".into(),
             ));
         };
-        chain.current = Some(refresh_token.clone());
-        chain.unsaved = true;
-        chain.seed_tried = true;
-        self.save(&mut chain).await?;
-        Ok(granted)
+        let saved = {
+            let mut chain = self.chain.lock().await;
+            chain.current = Some(refresh_token);
+            chain.unsaved = true;
+            chain.seed_tried = true;
+            self.save(&mut chain).await
+        };
+        if let Err(e) = saved {
+            // Kept in memory: the refresher saves it before it renews.
+            self.renew.notify_one();
+            return Err(e);
+        }
+        match answer.access {
+            Ok(granted) => Ok(granted),
+            Err(e) => {
+                tracing::warn!(
+                    tenant = &*self.tenant,
+                    error = %e,
+                    "the code's refresh token is saved but its access token is unusable; renewing now"
+                );
+                let renewed = self.fetch().await;
+                if renewed.is_err() {
+                    // The refresher takes over, with its back-off.
+                    self.renew.notify_one();
+                }
+                renewed
+            }
+        }
+    }
+
+    /// Completes when onboarding asks for a renewal now.
+    pub(crate) async fn renewal_wanted(&self) {
+        self.renew.notified().await
     }
 
     async fn save(&self, chain: &mut Chain) -> Result<(), GrantError> {

@@ -5,7 +5,15 @@
 //! request reports a 401 or finds no usable token. Failures back off
 //! exponentially with jitter while the current token, if any, keeps
 //! serving; rejected credentials back off much longer, so the token
-//! endpoint is never hammered.
+//! endpoint is never hammered. Absent a 401, a tenant is never renewed more
+//! often than every half `refresh.min_token_lifetime`, whatever lifetime
+//! the token endpoint announces.
+//!
+//! A token request is never cut short here: each call carries its own
+//! bound (`refresh.token_timeout`, or `refresh.rotation_timeout` for one
+//! that may rotate a refresh token), and a stop signal is only looked at
+//! between calls, so that a rotation in flight always ends with its new
+//! refresh token saved.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -28,6 +36,17 @@ const MIN_DEMAND_INTERVAL: Duration = Duration::from_millis(500);
 /// "Until something else wakes the refresher" (about a year).
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// `d` after `from`, or as late as the clock allows (never a panic).
+fn after(from: Instant, d: Duration) -> Instant {
+    from.checked_add(d)
+        .or_else(|| from.checked_add(NEVER))
+        .unwrap_or(from)
+}
+
+fn later(d: Duration) -> Instant {
+    after(Instant::now(), d)
+}
+
 /// First pause after a transient failure; doubles up to `max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -44,13 +63,18 @@ pub async fn run(
     // renewed when due; a lazy tenant sleeps until its first request asks.
     let mut next = match cell.current() {
         Some(t) if t.is_usable_now() => t.refresh_at(),
-        _ if cfg.lazy => Instant::now() + NEVER,
+        _ if cfg.lazy => later(NEVER),
         _ => Instant::now(),
     };
+    // Renewals that no 401 asked for come at most this often.
+    let floor = cfg.min_token_lifetime / 2;
     let mut failures: u32 = 0;
     let mut last_fetch: Option<Instant> = None;
     loop {
         let demanded = tokio::select! {
+            // A stop is seen before anything else that is ready.
+            biased;
+            _ = stop.changed() => return,
             _ = sleep_until(next.into()) => false,
             _ = cell.demanded() => true,
             _ = cell.installed() => {
@@ -61,7 +85,13 @@ pub async fn run(
                 }
                 continue;
             }
-            _ = stop.changed() => return,
+            // Onboarding saved a refresh token but could not put an access
+            // token in service: renew now with that refresh token.
+            () = source.renewal_wanted() => {
+                failures = 0;
+                next = Instant::now();
+                continue;
+            }
         };
         if demanded {
             // While backing off, a waiting request is answered from the
@@ -69,7 +99,7 @@ pub async fn run(
             if failures > 0 || !cell.needs_token() {
                 continue;
             }
-            if let Some(earliest) = last_fetch.map(|l| l + MIN_DEMAND_INTERVAL)
+            if let Some(earliest) = last_fetch.map(|l| after(l, MIN_DEMAND_INTERVAL))
                 && Instant::now() < earliest
             {
                 next = next.min(earliest);
@@ -87,13 +117,9 @@ pub async fn run(
         let requested_at = Instant::now();
         // Boxed: a tenant spends nearly all its life waiting, and its task
         // should not carry the (large) state of a token request meanwhile.
-        let result = match tokio::time::timeout(cfg.token_timeout, Box::pin(source.fetch())).await {
-            Ok(r) => r,
-            Err(_) => Err(GrantError::Transient(format!(
-                "no answer from the token endpoint within {:?}",
-                cfg.token_timeout
-            ))),
-        };
+        // Not under a timeout: the call bounds itself, and cutting a
+        // rotation short here could drop a refresh token Criteo issued.
+        let result = Box::pin(source.fetch()).await;
         last_fetch = Some(requested_at);
         let previous = cell.health();
         let token = result.and_then(|granted| {
@@ -103,16 +129,16 @@ pub async fn run(
                 cfg.at_fraction,
                 cell.next_generation(),
             )
-            .map_err(|_| GrantError::Transient("the access token is not a valid header".into()))
+            .map_err(|e| GrantError::Transient(e.to_string()))
         });
         match token {
             Ok(token) => {
                 failures = 0;
-                next = token.refresh_at();
+                next = token.refresh_at().max(after(requested_at, floor));
                 tracing::info!(
                     tenant = name,
                     generation = token.generation(),
-                    renew_in = ?token.refresh_at().saturating_duration_since(Instant::now()),
+                    renew_in = ?next.saturating_duration_since(Instant::now()),
                     "access token obtained"
                 );
                 cell.publish(token);
@@ -145,7 +171,7 @@ pub async fn run(
                         RefreshOutcome::ConsentRequired,
                     ),
                 };
-                next = Instant::now() + pause;
+                next = later(pause);
                 let still_serving = cell.usable().is_some();
                 if state == State::ConsentRequired {
                     if previous.state != State::ConsentRequired {

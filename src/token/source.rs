@@ -37,4 +37,14 @@ impl TokenSource {
             TokenSource::RefreshToken(grant) => grant.fetch().await,
         }
     }
+
+    /// Completes when the source wants a renewal now, whatever the
+    /// schedule (a refresh token saved by onboarding without a usable
+    /// access token); never, for client credentials.
+    pub async fn renewal_wanted(&self) {
+        match self {
+            TokenSource::ClientCredentials { .. } => std::future::pending().await,
+            TokenSource::RefreshToken(grant) => grant.renewal_wanted().await,
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! An in-process stand-in for Criteo on `127.0.0.1:0`: a token endpoint
-//! (client credentials; configurable lifetime, delay, outage) and an API
-//! that answers 401 to unknown, expired or revoked tokens and echoes what
-//! it received.
+//! (client credentials, rotating refresh tokens, codes; configurable
+//! lifetime, delays, outage, and the ways a token answer can go wrong:
+//! a spoiled rest, a huge `expires_in`, a redirect, an oversized body) and
+//! an API that answers 401 to unknown, expired or revoked tokens and echoes
+//! what it received.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -65,11 +67,52 @@ struct Issued {
     expires_at: Instant,
 }
 
+/// A 2xx token answer whose refresh token (if any) is good and whose
+/// rest is not. The refresh token, when there is one, comes first.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Spoil {
+    /// `"expires_in": "900"`
+    ExpiresInString,
+    /// `"expires_in": -5`
+    ExpiresInNegative,
+    /// `"expires_in": 899.5`
+    ExpiresInFraction,
+    /// `"token_type": "mac"`
+    TokenTypeMac,
+    /// `"access_token": ""`
+    EmptyAccessToken,
+    /// An access token with a control character in it.
+    NonPrintableAccessToken,
+    /// `"access_token": <this number>`
+    NumericAccessToken(u64),
+    /// An access token of 20 KiB.
+    LongAccessToken,
+    /// The JSON stops right after the refresh token.
+    BrokenAfterRefreshToken,
+    /// The refresh token, then this many bytes of padding, then the rest.
+    Padded(usize),
+}
+
 #[derive(Debug)]
 pub struct State {
     clients: Mutex<HashMap<String, String>>,
     expires_in: Mutex<Duration>,
+    /// What the answers say `expires_in` is, when not the real lifetime.
+    advertised_expires_in: Mutex<Option<Value>>,
     token_delay: Mutex<Duration>,
+    /// Before a request of this grant type is processed.
+    grant_delays: Mutex<HashMap<String, Duration>>,
+    /// After a token request was processed (a rotation done), before the
+    /// answer goes out.
+    answer_delay: Mutex<Duration>,
+    /// How to spoil 2xx answers; `true`: only the next one.
+    spoil: Mutex<Option<(Spoil, bool)>>,
+    /// Answer every token request with this redirect (status, Location).
+    redirect: Mutex<Option<(u16, String)>>,
+    /// Token answers sent, any outcome.
+    answers_sent: watch::Sender<usize>,
+    /// Refresh tokens handed out in 2xx answers: (grant_type, token).
+    answered_refresh_tokens: Mutex<Vec<(String, String)>>,
     outage: AtomicBool,
     always_401: AtomicBool,
     tokens: Mutex<HashMap<String, Issued>>,
@@ -107,7 +150,11 @@ pub struct FakeCriteo {
 pub struct Builder {
     clients: HashMap<String, String>,
     expires_in: Duration,
+    advertised_expires_in: Option<Value>,
     token_delay: Duration,
+    answer_delay: Duration,
+    spoil: Option<Spoil>,
+    redirect: Option<(u16, String)>,
     outage: bool,
     tls: bool,
 }
@@ -117,7 +164,11 @@ impl FakeCriteo {
         Builder {
             clients: HashMap::from([("main-id".into(), "main-secret".into())]),
             expires_in: Duration::from_secs(900),
+            advertised_expires_in: None,
             token_delay: Duration::ZERO,
+            answer_delay: Duration::ZERO,
+            spoil: None,
+            redirect: None,
             outage: false,
             tls: false,
         }
@@ -221,6 +272,62 @@ impl FakeCriteo {
         *self.state.token_delay.lock().unwrap() = d;
     }
 
+    /// Holds each answer this long after the request was processed: a
+    /// rotation is done at once, its answer comes late.
+    pub fn set_answer_delay(&self, d: Duration) {
+        *self.state.answer_delay.lock().unwrap() = d;
+    }
+
+    /// Holds requests of `grant_type` this long before processing them.
+    pub fn set_grant_delay(&self, grant_type: &str, d: Duration) {
+        self.state
+            .grant_delays
+            .lock()
+            .unwrap()
+            .insert(grant_type.into(), d);
+    }
+
+    /// Spoils the next 2xx token answer only.
+    pub fn spoil_next_token_answer(&self, spoil: Spoil) {
+        *self.state.spoil.lock().unwrap() = Some((spoil, true));
+    }
+
+    /// Spoils every 2xx token answer from now on (`None`: none).
+    pub fn spoil_token_answers(&self, spoil: Option<Spoil>) {
+        *self.state.spoil.lock().unwrap() = spoil.map(|s| (s, false));
+    }
+
+    /// The lifetime of the access tokens it issues.
+    pub fn expires_in(&self) -> Duration {
+        *self.state.expires_in.lock().unwrap()
+    }
+
+    /// Token answers sent so far (any outcome).
+    pub fn answers_sent(&self) -> usize {
+        *self.state.answers_sent.borrow()
+    }
+
+    /// Waits until `n` token answers have been sent.
+    pub async fn wait_answers_sent(&self, n: usize, within: Duration) {
+        let mut rx = self.state.answers_sent.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|c| *c >= n))
+            .await
+            .unwrap_or_else(|_| panic!("fewer than {n} token answers within {within:?}"))
+            .unwrap();
+    }
+
+    /// The refresh tokens handed out in 2xx answers to `grant_type`, in order.
+    pub fn answered_refresh_tokens(&self, grant_type: &str) -> Vec<String> {
+        self.state
+            .answered_refresh_tokens
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(g, _)| g == grant_type)
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+
     pub fn set_client(&self, id: &str, secret: &str) {
         self.state
             .clients
@@ -300,6 +407,31 @@ impl Builder {
         self
     }
 
+    /// See [`FakeCriteo::set_answer_delay`].
+    pub fn answer_delay(mut self, d: Duration) -> Self {
+        self.answer_delay = d;
+        self
+    }
+
+    /// Answers say `expires_in` is `v` (any JSON), while tokens really
+    /// live `expires_in`.
+    pub fn advertised_expires_in(mut self, v: Value) -> Self {
+        self.advertised_expires_in = Some(v);
+        self
+    }
+
+    /// Spoils every 2xx token answer.
+    pub fn spoil_token_answers(mut self, spoil: Spoil) -> Self {
+        self.spoil = Some(spoil);
+        self
+    }
+
+    /// Answers every token request with a redirect to `location`.
+    pub fn redirect_token_endpoint(mut self, status: u16, location: &str) -> Self {
+        self.redirect = Some((status, location.into()));
+        self
+    }
+
     pub fn outage(mut self) -> Self {
         self.outage = true;
         self
@@ -318,7 +450,14 @@ impl Builder {
         let state = Arc::new(State {
             clients: Mutex::new(self.clients),
             expires_in: Mutex::new(self.expires_in),
+            advertised_expires_in: Mutex::new(self.advertised_expires_in),
             token_delay: Mutex::new(self.token_delay),
+            grant_delays: Mutex::new(HashMap::new()),
+            answer_delay: Mutex::new(self.answer_delay),
+            spoil: Mutex::new(self.spoil.map(|s| (s, false))),
+            redirect: Mutex::new(self.redirect),
+            answers_sent: watch::Sender::new(0),
+            answered_refresh_tokens: Mutex::new(Vec::new()),
             outage: AtomicBool::new(self.outage),
             always_401: AtomicBool::new(false),
             tokens: Mutex::new(HashMap::new()),
@@ -459,7 +598,20 @@ fn consent_page(st: &State, req: &Request<Incoming>) -> Response<Body> {
     r
 }
 
+/// The token endpoint; an answer is held `answer_delay` after the request
+/// was processed (a rotation done at once, its answer late).
 async fn token(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let resp = token_answer(&st, req).await;
+    let delay = *st.answer_delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    st.answers_sent.send_modify(|c| *c += 1);
+    resp
+}
+
+async fn token_answer(st: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let st = Arc::clone(st);
     let delay = *st.token_delay.lock().unwrap();
     let ct = req
         .headers()
@@ -473,6 +625,19 @@ async fn token(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     st.token_requests.send_modify(|c| *c += 1);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    let grant_delay = form
+        .get("grant_type")
+        .and_then(|g| st.grant_delays.lock().unwrap().get(g).copied());
+    if let Some(d) = grant_delay {
+        tokio::time::sleep(d).await;
+    }
+    let redirect = st.redirect.lock().unwrap().clone();
+    if let Some((status, location)) = redirect {
+        let mut r = json_body(StatusCode::from_u16(status).unwrap(), json!({}));
+        r.headers_mut()
+            .insert("location", location.parse().unwrap());
+        return r;
     }
     if st.outage.load(Ordering::SeqCst) {
         return json_body(
@@ -545,12 +710,92 @@ async fn token(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         }
     };
     let (access, lifetime) = new_access_token(&st, id);
-    let mut answer =
-        json!({"access_token": access, "token_type": "Bearer", "expires_in": lifetime.as_secs()});
-    if let Some(rt) = refresh {
-        answer["refresh_token"] = json!(rt);
+    let grant = form.get("grant_type").cloned().unwrap_or_default();
+    if let Some(rt) = &refresh {
+        st.answered_refresh_tokens
+            .lock()
+            .unwrap()
+            .push((grant, rt.clone()));
     }
-    json_body(StatusCode::OK, answer)
+    let expires_in = st
+        .advertised_expires_in
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or_else(|| json!(lifetime.as_secs()));
+    let spoil = {
+        let mut spoil = st.spoil.lock().unwrap();
+        match spoil.take() {
+            Some((s, true)) => Some(s),
+            Some((s, false)) => {
+                *spoil = Some((s.clone(), false));
+                Some(s)
+            }
+            None => None,
+        }
+    };
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(answer_text(
+        &access,
+        expires_in,
+        refresh.as_deref(),
+        spoil.as_ref(),
+    )))));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+/// A 2xx token answer's text, the refresh token first, spoiled if asked.
+fn answer_text(
+    access: &str,
+    expires_in: Value,
+    refresh: Option<&str>,
+    spoil: Option<&Spoil>,
+) -> String {
+    let mut fields: Vec<(&str, Value)> = Vec::new();
+    if let Some(rt) = refresh {
+        fields.push(("refresh_token", json!(rt)));
+    }
+    if let Some(Spoil::Padded(n)) = spoil {
+        fields.push(("padding", json!("x".repeat(*n))));
+    }
+    let access = match spoil {
+        Some(Spoil::EmptyAccessToken) => json!(""),
+        Some(Spoil::NonPrintableAccessToken) => json!(format!("{access}\u{1}x")),
+        Some(Spoil::NumericAccessToken(n)) => json!(n),
+        Some(Spoil::LongAccessToken) => json!(format!("{access}{}", "a".repeat(20 * 1024))),
+        _ => json!(access),
+    };
+    let token_type = match spoil {
+        Some(Spoil::TokenTypeMac) => "mac",
+        _ => "Bearer",
+    };
+    let expires_in = match spoil {
+        Some(Spoil::ExpiresInString) => json!("900"),
+        Some(Spoil::ExpiresInNegative) => json!(-5),
+        Some(Spoil::ExpiresInFraction) => json!(899.5),
+        _ => expires_in,
+    };
+    fields.extend([
+        ("access_token", access),
+        ("token_type", json!(token_type)),
+        ("expires_in", expires_in),
+    ]);
+    let parts: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}:{v}", json!(k)))
+        .collect();
+    if spoil == Some(&Spoil::BrokenAfterRefreshToken) {
+        // Cut inside the field after the refresh token (or the first one).
+        let keep = usize::from(refresh.is_some());
+        let mut text = format!("{{{}", parts[..keep].join(","));
+        if keep > 0 {
+            text.push(',');
+        }
+        text.push_str(&parts[keep][..parts[keep].len() / 2]);
+        return text;
+    }
+    format!("{{{}}}", parts.join(","))
 }
 
 fn new_refresh_token(st: &State, client_id: &str) -> String {
@@ -603,7 +848,9 @@ fn new_access_token(st: &State, id: String) -> (String, Duration) {
         Issued {
             client_id: id,
             issued_at: now,
-            expires_at: now + lifetime,
+            expires_at: now
+                .checked_add(lifetime)
+                .unwrap_or(now + Duration::from_secs(1 << 40)),
         },
     );
     (access, lifetime)

@@ -37,6 +37,8 @@ pub struct ProxyBuilder {
     tenants: Vec<String>,
     sections: Vec<String>,
     with_main: bool,
+    /// The stand-in issues tokens shorter than the proxy's default floor.
+    short_tokens: bool,
 }
 
 impl TestProxy {
@@ -50,6 +52,7 @@ impl TestProxy {
             tenants: Vec::new(),
             sections: Vec::new(),
             with_main: true,
+            short_tokens: short_tokens(fake),
         }
     }
 
@@ -172,6 +175,14 @@ impl ProxyBuilder {
             out.push('\n');
         }
         out.push_str("[refresh]\n");
+        if self.short_tokens
+            && !self
+                .refresh
+                .iter()
+                .any(|l| l.contains("min_token_lifetime"))
+        {
+            out.push_str(SHORT_TOKENS);
+        }
         for l in &self.refresh {
             out.push_str(l);
             out.push('\n');
@@ -214,6 +225,18 @@ impl ProxyBuilder {
             task: Some(task),
         }
     }
+}
+
+/// Tests of renewals use a stand-in with tokens of a second or two; the
+/// proxy raises any lifetime under `refresh.min_token_lifetime` (10 s by
+/// default) to it, so those tests lower it.
+pub const SHORT_TOKENS: &str = "min_token_lifetime = \"1s\"\n";
+
+/// True when `fake` issues tokens shorter than the proxy's default floor
+/// (but not the 0 s that tests of that floor use).
+pub fn short_tokens(fake: &FakeCriteo) -> bool {
+    let life = fake.expires_in();
+    !life.is_zero() && life < Duration::from_secs(10)
 }
 
 /// A client that talks to loopback directly, whatever the environment says.

@@ -13,11 +13,17 @@ use tokio::sync::watch;
 pub const BIN: &str = env!("CARGO_BIN_EXE_criteo-token-proxy");
 
 /// A configuration for the binary: both listeners on `127.0.0.1:0`, the
-/// stand-in as upstream, `main` as default tenant, and `tenants`.
+/// stand-in as upstream, `main` as default tenant, and `tenants` (and
+/// [`super::SHORT_TOKENS`] when the stand-in's tokens are short).
 pub fn fake_config(fake: &super::FakeCriteo, tenants: &str) -> String {
+    let refresh = if super::short_tokens(fake) {
+        format!("[refresh]\n{}\n", super::SHORT_TOKENS)
+    } else {
+        String::new()
+    };
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndefault_tenant = \"main\"\n\n\
-         [upstream]\nurl = \"{}\"\ntoken_url = \"{}\"\n\n{tenants}\n",
+         [upstream]\nurl = \"{}\"\ntoken_url = \"{}\"\n\n{refresh}{tenants}\n",
         fake.url(),
         fake.token_url()
     )
