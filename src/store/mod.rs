@@ -36,7 +36,7 @@ pub enum StoreError {
     #[error("store.path: cannot lock {path}: {source}")]
     Lock { path: PathBuf, source: io::Error },
     #[error(
-        "store.path: {path} is a symbolic link that appeared next to the store; it is not followed (whoever can write to that folder could redirect the proxy's files): remove it"
+        "store.path: {path} is a symbolic link where the store keeps its own files; it is not followed (whoever can write to that folder could redirect them): remove it"
     )]
     Link { path: PathBuf },
     #[error("store.path: {0}")]
@@ -159,14 +159,15 @@ impl TokenStore {
             serde_json::to_vec_pretty(&*data).map_err(io::Error::other)?
         };
         let path = self.path.clone();
+        tokio::task::spawn_blocking(move || disk::write_atomically(&path, &bytes))
+            .await
+            .map_err(io::Error::other)??;
         let stale = std::mem::take(&mut *self.stale.lock().unwrap_or_else(|e| e.into_inner()));
-        tokio::task::spawn_blocking(move || {
-            disk::write_atomically(&path, &bytes)?;
-            remove_all(&path, &stale);
-            Ok(())
-        })
-        .await
-        .map_err(io::Error::other)?
+        if !stale.is_empty() {
+            let path = self.path.clone();
+            let _ = tokio::task::spawn_blocking(move || remove_all(&path, &stale)).await;
+        }
+        Ok(())
     }
 
     /// Merges the complete temporary files a crash left behind (each may
@@ -183,8 +184,9 @@ impl TokenStore {
         };
         let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
         let mut taken = false;
-        for tmp in &leftovers {
-            match disk::read(tmp) {
+        let mut done = Vec::with_capacity(leftovers.len());
+        for tmp in leftovers {
+            match disk::read(&tmp) {
                 Ok(Some((bytes, _))) => match serde_json::from_slice::<StoreFile>(&bytes) {
                     Ok(copy) => taken |= data.absorb(copy),
                     Err(_) => tracing::info!(
@@ -192,12 +194,21 @@ impl TokenStore {
                         "removing an incomplete temporary file of the token store (a write cut short)"
                     ),
                 },
-                Ok(None) => {}
+                Ok(None) => continue,
+                // A link or a FIFO there was planted, never written by a
+                // proxy: removed (a link, not its target).
+                Err(e) if disk::is_link_error(&e) || e.kind() == io::ErrorKind::InvalidInput => {
+                    tracing::warn!(file = %tmp.display(), error = %e, "removing something planted among the token store's temporary files");
+                }
+                // It may hold the newest token: kept for the next start.
                 Err(e) => {
-                    tracing::warn!(file = %tmp.display(), error = %e, "ignoring and removing an unreadable temporary file of the token store")
+                    tracing::warn!(file = %tmp.display(), error = %e, "cannot read a temporary file of the token store; it is left in place");
+                    continue;
                 }
             }
+            done.push(tmp);
         }
+        let leftovers = done;
         if taken {
             tracing::warn!(
                 path = %self.path.display(),
