@@ -917,16 +917,11 @@ impl RawConfig {
                         refresh_tenants.join(", ")
                     ),
                 ),
+                // Its folder (a symbolic link's target's) must exist and
+                // not be writable by every user.
                 Some(p) => {
-                    let dir = p
-                        .parent()
-                        .filter(|d| !d.as_os_str().is_empty())
-                        .unwrap_or(Path::new("."));
-                    if !dir.is_dir() {
-                        bad(
-                            "store.path",
-                            format!("the folder {} does not exist", dir.display()),
-                        );
+                    if let Err(msg) = crate::store::check_location(p) {
+                        bad("store.path", msg);
                     }
                 }
             }

@@ -121,6 +121,74 @@ async fn kill_9_during_rotations_loses_no_refresh_token() {
 }
 
 #[tokio::test]
+async fn kill_9_while_a_rotated_token_is_being_saved_loses_no_refresh_token() {
+    let fake = FakeCriteo::builder()
+        .client(ACME_ID, ACME_SECRET)
+        .expires_in(Duration::from_secs(1))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let seed = fake.issue_refresh_token(ACME_ID);
+    let path = write(
+        dir.path(),
+        "proxy.toml",
+        &config(&fake, dir.path(), "127.0.0.1:0", Some(&seed)),
+    );
+
+    let mut caught = 0;
+    for _ in 0..6 {
+        let mut proxy = Running::start(&path, "info").await;
+        proxy.wait_for_message("access token obtained").await;
+        // Aimed at the next rotation's save: the new token is written to
+        // a temporary file, not yet renamed over the store.
+        let folder = dir.path().to_owned();
+        if tokio::task::spawn_blocking(move || written_temp_file(&folder))
+            .await
+            .unwrap()
+        {
+            caught += 1;
+        }
+        proxy.kill9().await;
+    }
+    eprintln!("{caught} of 6 kills landed between the temporary file and the rename");
+
+    let mut proxy = Running::start(&path, "info").await;
+    proxy.wait_for_message("access token obtained").await;
+    let resp = client()
+        .get(format!("{}/x", proxy.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the tenant survived six kill -9s");
+    assert_eq!(fake.spent_presented(), 0, "a spent token was presented");
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Watches `folder` until a store's temporary file with content appears
+/// (true), or a few rotations have gone by unseen (false: the rename came
+/// first; the kill then lands just after it).
+fn written_temp_file(folder: &Path) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        for entry in std::fs::read_dir(folder).unwrap().flatten() {
+            if entry.file_name().to_string_lossy().contains(".tmp.")
+                && entry.metadata().is_ok_and(|m| m.len() > 0)
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[tokio::test]
 async fn consent_url_for_a_tenant_onboards_the_running_proxy() {
     let fake = FakeCriteo::builder()
         .client(ACME_ID, ACME_SECRET)

@@ -1,21 +1,26 @@
 //! The token store: where each refresh-token tenant's newest refresh token
 //! lives, so that a restart (or a `kill -9`) never loses it.
 //!
-//! One JSON file, mode 0600, replaced atomically on every change: write a
-//! temporary file in the same folder, fsync it, rename it over the old one,
-//! fsync the folder. A lock file next to it (held for the life of the
-//! process) keeps a second proxy from rotating the same tokens.
+//! One JSON file, mode 0600, replaced atomically on every change (see
+//! [`disk`]). Every write carries the next number of a counter, so that a
+//! newer copy left in a temporary file by a process killed before renaming
+//! it is recognised and merged at the next start. A lock file next to it
+//! (held for the life of the process) keeps a second proxy from rotating
+//! the same tokens. The API is small on purpose: get, put, and the record
+//! of presented seeds, which any other storage can provide.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+mod disk;
+mod format;
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+
+use format::StoreFile;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -31,25 +36,15 @@ pub enum StoreError {
     #[error("store.path: cannot lock {path}: {source}")]
     Lock { path: PathBuf, source: io::Error },
     #[error(
+        "store.path: {path} is a symbolic link where the store keeps its own files; it is not followed (whoever can write to that folder could redirect them): remove it"
+    )]
+    Link { path: PathBuf },
+    #[error("store.path: {0}")]
+    Folder(String),
+    #[error(
         "store.path: {path} is in use by another criteo-token-proxy; two proxies rotating the same refresh tokens would lose them"
     )]
     InUse { path: PathBuf },
-}
-
-/// What is kept for one tenant.
-#[derive(Clone, Serialize, Deserialize)]
-struct Entry {
-    refresh_token: String,
-    /// True once the token endpoint has refused this token (`invalid_grant`).
-    #[serde(default)]
-    rejected: bool,
-    updated_at: String,
-}
-
-#[derive(Default, Serialize, Deserialize)]
-struct StoreFile {
-    version: u32,
-    tenants: BTreeMap<String, Entry>,
 }
 
 /// A stored refresh token and whether Criteo has already refused it.
@@ -61,80 +56,62 @@ pub struct Stored {
 
 #[derive(Debug)]
 pub struct TokenStore {
+    /// The store file, every symbolic link resolved.
     path: PathBuf,
     /// The file's content as last written (or read).
     data: Mutex<StoreFile>,
     /// Serialises writers, so that the file is always the newest state.
     writing: tokio::sync::Mutex<()>,
+    /// Temporary files left by a crash, merged but not yet removed (the
+    /// merge could not be written at start): removed after the next write.
+    stale: Mutex<Vec<PathBuf>>,
     _lock: File,
 }
 
-impl std::fmt::Debug for StoreFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreFile")
-            .field("tenants", &self.tenants.keys().collect::<Vec<_>>())
-            .finish()
-    }
+/// Checks `store.path` for the configuration: its folder (after resolving
+/// symbolic links) exists and is not writable by every user.
+pub fn check_location(path: &Path) -> Result<(), String> {
+    let resolved = disk::resolve(path).map_err(|e| e.to_string())?;
+    disk::check_folder(disk::parent(&resolved)).map(drop)
 }
 
 impl TokenStore {
-    /// Opens (or prepares to create) the store at `path`. A file that
+    /// Opens (or prepares to create) the store at `path`. A store file that
     /// cannot be parsed is an error, never overwritten: it may hold the
-    /// only copy of a tenant's refresh token.
+    /// only copy of a tenant's refresh token. Temporary files left by a
+    /// crash are merged in (the newest entry of each tenant wins) and
+    /// removed; one that is incomplete is only removed.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let lock_path = lock_path(path);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Lock {
-                path: lock_path.clone(),
-                source,
-            })?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::InUse {
-                    path: path.to_owned(),
-                });
-            }
-            Err(fs::TryLockError::Error(source)) => {
-                return Err(StoreError::Lock {
-                    path: lock_path,
-                    source,
-                });
-            }
-        }
-
-        let data = match fs::read(path) {
-            Ok(bytes) => {
-                let data: StoreFile =
-                    serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-                        path: path.to_owned(),
-                        source,
-                    })?;
-                tighten_mode(path);
-                data
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => StoreFile {
-                version: 1,
-                tenants: BTreeMap::new(),
-            },
-            Err(source) => {
-                return Err(StoreError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
-        };
-        Ok(Self {
+        let read_error = |source| StoreError::Read {
             path: path.to_owned(),
+            source,
+        };
+        let resolved = disk::resolve(path).map_err(read_error)?;
+        let folder = disk::parent(&resolved);
+        let mode = disk::check_folder(folder).map_err(StoreError::Folder)?;
+        if mode & 0o020 != 0 {
+            tracing::warn!(
+                folder = %folder.display(),
+                mode = format!("{mode:o}"),
+                "the token store's folder is writable by its group: its members can plant files there (expected on a Kubernetes volume mounted with fsGroup; otherwise use chmod g-w)"
+            );
+        }
+        let lock = lock(&resolved)?;
+        let data = read_store(&resolved)?;
+        let store = Self {
+            path: resolved,
             data: Mutex::new(data),
             writing: tokio::sync::Mutex::new(()),
+            stale: Mutex::new(Vec::new()),
             _lock: lock,
-        })
+        };
+        store.recover_leftovers();
+        tracing::info!(
+            path = %store.path.display(),
+            configured = %path.display(),
+            "token store opened"
+        );
+        Ok(store)
     }
 
     pub fn path(&self) -> &Path {
@@ -149,27 +126,132 @@ impl TokenStore {
         })
     }
 
+    /// Whether `seed` has ever been presented to the token endpoint (by
+    /// any tenant): if so it is spent, or it is a tenant's stored token.
+    pub fn seed_presented(&self, seed: &SecretString) -> bool {
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        data.seed_presented(seed.expose_secret())
+    }
+
     /// Records `token` for `tenant` and returns only once the file on disk
     /// holds it (written, synced, renamed, folder synced).
     pub async fn put(&self, tenant: &str, token: &SecretString, rejected: bool) -> io::Result<()> {
+        self.update(|data| data.set(tenant, token.expose_secret(), rejected))
+            .await
+    }
+
+    /// Makes the config seed `tenant`'s stored token and records that it
+    /// is about to be presented, in one write, before it is: after that it
+    /// is never taken from the config again, only from the store.
+    pub async fn adopt_seed(&self, tenant: &str, seed: &SecretString) -> io::Result<()> {
+        self.update(|data| {
+            data.set(tenant, seed.expose_secret(), false);
+            data.record_seed(seed.expose_secret());
+        })
+        .await
+    }
+
+    async fn update(&self, change: impl FnOnce(&mut StoreFile)) -> io::Result<()> {
         let _writer = self.writing.lock().await;
         let bytes = {
             let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
-            data.version = 1;
-            data.tenants.insert(
-                tenant.to_owned(),
-                Entry {
-                    refresh_token: token.expose_secret().to_owned(),
-                    rejected,
-                    updated_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-                },
-            );
+            change(&mut data);
             serde_json::to_vec_pretty(&*data).map_err(io::Error::other)?
         };
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
+        tokio::task::spawn_blocking(move || disk::write_atomically(&path, &bytes))
             .await
-            .map_err(io::Error::other)?
+            .map_err(io::Error::other)??;
+        let stale = std::mem::take(&mut *self.stale.lock().unwrap_or_else(|e| e.into_inner()));
+        if !stale.is_empty() {
+            let path = self.path.clone();
+            let _ = tokio::task::spawn_blocking(move || remove_all(&path, &stale)).await;
+        }
+        Ok(())
+    }
+
+    /// Merges the complete temporary files a crash left behind (each may
+    /// hold a newer token than the store file) and removes them all once
+    /// the merge is on disk.
+    fn recover_leftovers(&self) {
+        let leftovers = match disk::leftovers(&self.path) {
+            Ok(l) if l.is_empty() => return,
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot list the token store's folder for temporary files left by a crash");
+                return;
+            }
+        };
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taken = false;
+        let mut done = Vec::with_capacity(leftovers.len());
+        for tmp in leftovers {
+            match disk::read(&tmp) {
+                Ok(Some((bytes, _))) => match serde_json::from_slice::<StoreFile>(&bytes) {
+                    Ok(copy) => taken |= data.absorb(copy),
+                    Err(_) => tracing::info!(
+                        file = %tmp.display(),
+                        "removing an incomplete temporary file of the token store (a write cut short)"
+                    ),
+                },
+                Ok(None) => continue,
+                // A link or a FIFO there was planted, never written by a
+                // proxy: removed (a link, not its target).
+                Err(e) if disk::is_link_error(&e) || e.kind() == io::ErrorKind::InvalidInput => {
+                    tracing::warn!(file = %tmp.display(), error = %e, "removing something planted among the token store's temporary files");
+                }
+                // It may hold the newest token: kept for the next start.
+                Err(e) => {
+                    tracing::warn!(file = %tmp.display(), error = %e, "cannot read a temporary file of the token store; it is left in place");
+                    continue;
+                }
+            }
+            done.push(tmp);
+        }
+        let leftovers = done;
+        if taken {
+            tracing::warn!(
+                path = %self.path.display(),
+                "the token store's last write was cut short by a crash; its newer tokens were recovered from the temporary file"
+            );
+            let written = serde_json::to_vec_pretty(&*data)
+                .map_err(io::Error::other)
+                .and_then(|bytes| disk::write_atomically(&self.path, &bytes));
+            if let Err(e) = written {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot write the recovered token store yet; its temporary files are kept until the next write");
+                *self.stale.lock().unwrap_or_else(|e| e.into_inner()) = leftovers;
+                return;
+            }
+        }
+        drop(data);
+        remove_all(&self.path, &leftovers);
+    }
+}
+
+/// Takes the lock file `<store>.lock` for the life of the process.
+fn lock(path: &Path) -> Result<File, StoreError> {
+    let lock_path = lock_path(path);
+    let lock = disk::open_lock(&lock_path).map_err(|source| {
+        if disk::is_link_error(&source) {
+            StoreError::Link {
+                path: lock_path.clone(),
+            }
+        } else {
+            StoreError::Lock {
+                path: lock_path.clone(),
+                source,
+            }
+        }
+    })?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            path: path.to_owned(),
+        }),
+        Err(fs::TryLockError::Error(source)) => Err(StoreError::Lock {
+            path: lock_path,
+            source,
+        }),
     }
 }
 
@@ -179,45 +261,52 @@ fn lock_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// A store readable by others is made private (and said so).
-fn tighten_mode(path: &Path) {
-    if let Ok(meta) = fs::metadata(path) {
+/// Reads the store file (none yet: an empty store), never through a link;
+/// one readable by others is made private (and said so).
+fn read_store(path: &Path) -> Result<StoreFile, StoreError> {
+    let (bytes, file) = match disk::read(path) {
+        Ok(Some(read)) => read,
+        Ok(None) => return Ok(StoreFile::empty()),
+        Err(e) if disk::is_link_error(&e) => {
+            return Err(StoreError::Link {
+                path: path.to_owned(),
+            });
+        }
+        Err(source) => {
+            return Err(StoreError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let data = serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+        path: path.to_owned(),
+        source,
+    })?;
+    if let Ok(meta) = file.metadata() {
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "token store was readable by others; setting mode 0600");
-            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+            let _ = file.set_permissions(fs::Permissions::from_mode(0o600));
         }
     }
+    Ok(data)
 }
 
-/// Temporary file in the same folder, fsync, rename, fsync the folder: a
-/// crash at any point leaves either the old file or the new one, whole.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(path.file_name().unwrap_or_default());
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        File::open(&dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+/// Removes temporary files whose content is in the store file (or was
+/// never whole): each may hold a refresh token.
+fn remove_all(path: &Path, files: &[PathBuf]) {
+    if files.is_empty() {
+        return;
     }
-    result
+    for f in files {
+        if let Err(e) = fs::remove_file(f)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %f.display(), error = %e, "cannot remove a temporary file of the token store");
+        }
+    }
+    let _ = disk::sync_folder(disk::parent(path));
 }
 
 #[cfg(test)]
@@ -276,18 +365,139 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap(), "{ half a file");
     }
 
+    /// The folder's file names, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_complete_leftover_with_a_newer_token_is_merged_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        {
+            let store = TokenStore::open(&path).unwrap();
+            let rt = |s: &str| SecretString::from(s.to_owned());
+            store.put("acme", &rt("acme-1"), false).await.unwrap();
+            store.put("other", &rt("other-1"), false).await.unwrap();
+            let before = fs::read(&path).unwrap();
+            store.put("acme", &rt("acme-2"), false).await.unwrap();
+            // As if killed between writing the temporary file and renaming it.
+            fs::rename(&path, dir.path().join(".tokens.json.tmp.0123abcd")).unwrap();
+            fs::write(&path, before).unwrap();
+        }
+        let store = TokenStore::open(&path).unwrap();
+        let token = |t: &str| {
+            store
+                .get(t)
+                .unwrap()
+                .refresh_token
+                .expose_secret()
+                .to_owned()
+        };
+        assert_eq!(token("acme"), "acme-2");
+        assert_eq!(token("other"), "other-1");
+        assert_eq!(names(dir.path()), ["tokens.json", "tokens.json.lock"]);
+        drop(store);
+        let reopened = TokenStore::open(&path).unwrap();
+        assert_eq!(
+            reopened.get("acme").unwrap().refresh_token.expose_secret(),
+            "acme-2",
+            "the merge was written before the leftover was removed"
+        );
+    }
+
+    #[test]
+    fn an_incomplete_leftover_is_ignored_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        fs::write(
+            &path,
+            r#"{"version":1,"tenants":{"acme":{"refresh_token":"rt-1","updated_at":""}}}"#,
+        )
+        .unwrap();
+        let leftover = r#"{"version":1,"seq":9,"tenants":{"acme":{"refresh_token":"rt-9","seq":9"#;
+        fs::write(dir.path().join(".tokens.json.tmp.feed"), leftover).unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        assert_eq!(
+            store.get("acme").unwrap().refresh_token.expose_secret(),
+            "rt-1"
+        );
+        assert_eq!(names(dir.path()), ["tokens.json", "tokens.json.lock"]);
+    }
+
+    #[tokio::test]
+    async fn temporary_files_have_unpredictable_names_and_none_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = TokenStore::open(&path).unwrap();
+        // Something planted at the name earlier releases used.
+        let planted = dir
+            .path()
+            .join(format!(".tokens.json.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(dir.path().join("leak"), &planted).unwrap();
+        store
+            .put("acme", &SecretString::from("rt-1"), false)
+            .await
+            .unwrap();
+        assert!(
+            !dir.path().join("leak").exists(),
+            "the planted link was not followed"
+        );
+        assert!(fs::symlink_metadata(&path).unwrap().is_file());
+        fs::remove_file(planted).unwrap();
+        assert_eq!(names(dir.path()), ["tokens.json", "tokens.json.lock"]);
+    }
+
+    #[test]
+    fn a_symlinked_lock_file_is_refused_and_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let target = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, dir.path().join("tokens.json.lock")).unwrap();
+        let err = TokenStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::Link { .. }), "{err}");
+        assert!(err.to_string().contains("store.path"));
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn a_symlinked_store_path_lives_at_its_target_whose_folder_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (here, there) = (dir.path().join("here"), dir.path().join("there"));
+        fs::create_dir(&here).unwrap();
+        fs::create_dir(&there).unwrap();
+        let link = here.join("tokens.json");
+        std::os::unix::fs::symlink("../there/real.json", &link).unwrap();
+        let store = TokenStore::open(&link).unwrap();
+        assert_eq!(
+            store.path(),
+            fs::canonicalize(&there).unwrap().join("real.json")
+        );
+        drop(store);
+        assert!(check_location(&link).is_ok());
+        fs::set_permissions(&there, fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = check_location(&link).unwrap_err();
+        assert!(
+            refused.contains("there") && refused.contains("writable by every user"),
+            "{refused}"
+        );
+        fs::set_permissions(&there, fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(
+            check_location(&link).is_ok(),
+            "group-writable is only a warning"
+        );
+    }
+
     #[test]
     fn debug_output_names_tenants_but_no_token() {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::open(&dir.path().join("t.json")).unwrap();
-        store.data.lock().unwrap().tenants.insert(
-            "acme".into(),
-            Entry {
-                refresh_token: "secret-rt".into(),
-                rejected: false,
-                updated_at: String::new(),
-            },
-        );
+        store.data.lock().unwrap().set("acme", "secret-rt", false);
         let shown = format!("{store:?}");
         assert!(shown.contains("acme") && !shown.contains("secret-rt"));
     }

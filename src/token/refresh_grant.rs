@@ -40,25 +40,36 @@ struct Chain {
     seed_tried: bool,
     /// `current` came from the token endpoint but is not on disk yet.
     unsaved: bool,
+    /// A config seed the store has not adopted yet (made the tenant's
+    /// stored token and recorded as presented). That is done before it is
+    /// presented, so that a seed is taken from the config only once.
+    unadopted_seed: Option<SecretString>,
 }
 
 impl RefreshGrant {
     /// Chooses the starting refresh token: the store's, unless Criteo has
-    /// refused it; then the config seed, unless it is that same refused
-    /// token; else none (consent required).
+    /// refused it; then the config seed, unless it was ever presented
+    /// before (it is then spent, or it is the stored token); else none
+    /// (consent required).
     pub fn new(config: &TenantConfig, endpoint: TokenEndpoint, store: Arc<TokenStore>) -> Self {
         let tenant: Arc<str> = config.name.as_str().into();
         let stored = store.get(&tenant);
         let seed = config
             .seed_refresh_token
             .as_ref()
-            .and_then(|s| s.load().ok());
-        let (current, seed_tried) = match (&stored, seed) {
-            (Some(s), _) if !s.rejected => (Some(s.refresh_token.clone()), false),
-            (Some(s), Some(seed)) if !same(&s.refresh_token, &seed) => (Some(seed), true),
-            (Some(_), _) => (None, true),
-            (None, Some(seed)) => (Some(seed), true),
-            (None, None) => (None, false),
+            .and_then(|s| s.load().ok())
+            .filter(|seed| {
+                // The second test covers stores written before seeds were
+                // recorded.
+                !store.seed_presented(seed)
+                    && !stored
+                        .as_ref()
+                        .is_some_and(|s| same(&s.refresh_token, seed))
+            });
+        let (current, seed_tried, unadopted_seed) = match (stored, seed) {
+            (Some(s), seed) if !s.rejected => (Some(s.refresh_token), seed.is_none(), None),
+            (_, Some(seed)) => (Some(seed.clone()), true, Some(seed)),
+            (_, None) => (None, true, None),
         };
         Self {
             tenant,
@@ -71,7 +82,8 @@ impl RefreshGrant {
             chain: Mutex::new(Chain {
                 current,
                 seed_tried,
-                unsaved: false,
+                unsaved: unadopted_seed.is_some(),
+                unadopted_seed,
             }),
             renew: Notify::new(),
         }
@@ -136,12 +148,16 @@ impl RefreshGrant {
                         chain.seed_tried = true;
                         if let Some(seed) = self.seed.as_ref().and_then(|s| s.load().ok())
                             && !same(&seed, &refresh_token)
+                            && !self.store.seed_presented(&seed)
                         {
                             tracing::info!(
                                 tenant = &*self.tenant,
                                 "trying the configured refresh_token seed once"
                             );
-                            chain.current = Some(seed);
+                            chain.current = Some(seed.clone());
+                            chain.unsaved = true;
+                            chain.unadopted_seed = Some(seed);
+                            self.save(&mut chain).await?;
                             continue;
                         }
                     }
@@ -234,9 +250,17 @@ impl RefreshGrant {
         let Some(token) = &chain.current else {
             return Ok(());
         };
-        match self.store.put(&self.tenant, token, false).await {
+        let saved = if let Some(seed) = &chain.unadopted_seed
+            && same(seed, token)
+        {
+            self.store.adopt_seed(&self.tenant, token).await
+        } else {
+            self.store.put(&self.tenant, token, false).await
+        };
+        match saved {
             Ok(()) => {
                 chain.unsaved = false;
+                chain.unadopted_seed = None;
                 Ok(())
             }
             Err(e) => {
