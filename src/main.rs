@@ -338,10 +338,16 @@ fn consent_url(config_path: Option<&Path>, args: &ConsentUrlArgs) -> Result<Stri
     ))
 }
 
+/// Logs go to stderr; colour only when that is a terminal (a file, a pipe
+/// or a log collector gets plain text) and `NO_COLOR` is not set.
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
