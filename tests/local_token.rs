@@ -358,3 +358,22 @@ async fn a_huge_token_request_body_is_refused() {
     assert_eq!(resp.headers()["x-criteo-proxy-error"], "bad_request");
     assert!(fake.seen().is_empty());
 }
+
+#[tokio::test]
+async fn a_refresh_grant_keeps_the_tenant_of_its_placeholder() {
+    let fake = fake_with_acme().await;
+    let proxy = with_acme(&fake).await;
+    let renewed = placeholder_for(
+        &proxy,
+        "grant_type=refresh_token&client_id=dummy&client_secret=x&refresh_token=criteo-token-proxy.acme",
+    )
+    .await;
+    assert_eq!(renewed, "criteo-token-proxy.acme");
+    let resp = token_request(
+        &proxy,
+        "grant_type=refresh_token&client_id=dummy&refresh_token=criteo-token-proxy.gone",
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["x-criteo-proxy-error"], "unknown_tenant");
+}
