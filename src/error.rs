@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{HeaderName, Response, StatusCode};
 use http_body_util::Full;
 
@@ -38,6 +38,17 @@ pub enum ProxyError {
     /// The client's request could not be read or forwarded as sent.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A path the proxy answers itself, asked with a method it does not
+    /// answer (`Allow` lists the ones it does).
+    #[error("{message}")]
+    MethodNotAllowed {
+        allow: &'static str,
+        message: String,
+    },
+    /// A path that is never forwarded (Criteo's OAuth endpoints: the proxy
+    /// holds the tokens, and a refusal there must not pass for the API's).
+    #[error("{0}")]
+    NotForwarded(String),
 }
 
 impl ProxyError {
@@ -50,6 +61,8 @@ impl ProxyError {
             ProxyError::ClientNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NotForwarded(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -63,6 +76,8 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
+            ProxyError::NotForwarded(_) => "not_forwarded",
         }
     }
 
@@ -76,9 +91,15 @@ impl ProxyError {
         let mut resp = json_response(self.status(), &body);
         let headers = resp.headers_mut();
         headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
-        if let ProxyError::TokenUnavailable { retry_after, .. } = self {
-            let secs = retry_after.as_secs().max(1);
-            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        match self {
+            ProxyError::TokenUnavailable { retry_after, .. } => {
+                let secs = retry_after.as_secs().max(1);
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ProxyError::MethodNotAllowed { allow, .. } => {
+                headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
         }
         resp
     }

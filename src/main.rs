@@ -183,14 +183,14 @@ fn run_dev(log_format: LogFormat) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async {
-        let upstream = match dev::start().await {
-            Ok(a) => a,
+        let sandbox = match dev::start().await {
+            Ok(s) => s,
             Err(e) => {
                 tracing::error!("cannot start the sandbox: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        let config = match Config::from_toml_with_env(&dev::config_toml(upstream)) {
+        let config = match Config::from_toml_with_env(&sandbox.config_toml()) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("criteo-token-proxy: invalid configuration:");
@@ -201,26 +201,14 @@ fn run_dev(log_format: LogFormat) -> ExitCode {
             }
         };
         serve(config, None, |listeners| {
-            let addr = |l: &tokio::net::TcpListener| {
-                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
-            };
-            let (proxy, admin) = (addr(&listeners.proxy), addr(&listeners.admin));
+            let addr = |l: &tokio::net::TcpListener| l.local_addr().ok();
             tracing::warn!(
-                sandbox = %upstream,
+                sandbox = %sandbox.addr(),
                 "SANDBOX MODE (--dev): requests go to an embedded stand-in for Criteo with fake tokens and data, never to Criteo"
             );
-            println!(
-                "\ncriteo-token-proxy sandbox: a stand-in for Criteo runs on {upstream}; nothing reaches Criteo.\n\
-                 Try:\n\
-                 \x20 curl -s http://{proxy}/2024-10/advertisers/me\n\
-                 \x20 curl -s http://{proxy}/2024-10/retail-media/accounts\n\
-                 \x20 curl -s -X POST http://{proxy}/2024-10/statistics/report -d '{{\"dimensions\":[\"Day\"]}}'\n\
-                 \x20 curl -s http://{admin}/tenants            # the demo tenant, its token's expiry\n\
-                 \x20 curl -s -X POST http://{proxy}/sandbox/revoke-tokens   # then call again: 401, fresh token, replayed\n\
-                 \x20 curl -s http://{admin}/metrics | grep criteo_proxy\n\
-                 Tokens live {}s and are renewed in the background. Ctrl-C to stop.\n",
-                dev::TOKEN_LIFETIME.as_secs()
-            );
+            if let (Some(proxy), Some(admin)) = (addr(&listeners.proxy), addr(&listeners.admin)) {
+                println!("{}", sandbox.banner(proxy, admin));
+            }
         })
         .await
     })
@@ -338,10 +326,16 @@ fn consent_url(config_path: Option<&Path>, args: &ConsentUrlArgs) -> Result<Stri
     ))
 }
 
+/// Logs go to stderr; colour only when that is a terminal (a file, a pipe
+/// or a log collector gets plain text) and `NO_COLOR` is not set.
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

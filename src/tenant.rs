@@ -38,6 +38,9 @@ pub struct Tenants {
     /// In configuration order, for the admin pages.
     ordered: Vec<Arc<Tenant>>,
     default: Option<Arc<Tenant>>,
+    /// Tenants by their app's `client_id` (several tenants of one app
+    /// share it), for the local token endpoint's choice by client id.
+    by_client_id: HashMap<Box<str>, Vec<Arc<Tenant>>>,
 }
 
 /// What a rebuild decided for each tenant.
@@ -133,11 +136,19 @@ impl Tenants {
             .default_tenant
             .as_deref()
             .and_then(|d| by_name.get(d).cloned());
+        let mut by_client_id: HashMap<Box<str>, Vec<Arc<Tenant>>> = HashMap::new();
+        for (t, tenant) in config.tenants.iter().zip(&ordered) {
+            by_client_id
+                .entry(Box::from(t.client_id.as_str()))
+                .or_default()
+                .push(Arc::clone(tenant));
+        }
         (
             Self {
                 by_name,
                 ordered,
                 default,
+                by_client_id,
             },
             changes,
         )
@@ -162,6 +173,17 @@ impl Tenants {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Tenant>> {
         self.by_name.get(name)
+    }
+
+    /// The default tenant (`server.default_tenant`), if one is set.
+    pub fn default_tenant(&self) -> Option<&Arc<Tenant>> {
+        self.default.as_ref()
+    }
+
+    /// The tenants whose app has this `client_id` (none, one, or several
+    /// when one app serves several consented accounts).
+    pub fn with_client_id(&self, client_id: &str) -> &[Arc<Tenant>] {
+        self.by_client_id.get(client_id).map_or(&[], Vec::as_slice)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {

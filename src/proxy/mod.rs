@@ -3,6 +3,7 @@
 
 mod body;
 pub mod headers;
+mod local;
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use hyper::body::Incoming;
 use tracing::Level;
 
 pub use body::{OutBody, Prepared, prepare};
+pub use local::{PLACEHOLDER_PREFIX, placeholder};
 
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -73,8 +75,18 @@ impl Proxy {
     /// Answers one client request. Never fails: errors become JSON answers.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
-        let requested = match req.headers().get(&self.tenant_header) {
-            None => None,
+        if let Some(route) = local::route(req.uri().path()) {
+            return self.answer_locally(route, req, started).await;
+        }
+        let header = req.headers().get(&self.tenant_header);
+        // Without a tenant header, a placeholder from the proxy's own token
+        // endpoint names the tenant (what Criteo's SDKs send).
+        let placeholder = match header {
+            None => local::placeholder_tenant(req.headers()),
+            Some(_) => None,
+        };
+        let requested = match header {
+            None => placeholder.as_deref(),
             Some(v) => match v.to_str() {
                 Ok(s) => Some(s.trim()),
                 Err(_) => Some("<not text>"),
@@ -85,6 +97,9 @@ impl Proxy {
         let chosen = self.tenants.load().choose(requested).cloned();
         let Some(tenant) = chosen else {
             let err = ProxyError::UnknownTenant(match requested {
+                Some(name) if placeholder.is_some() => format!(
+                    "the bearer token is a placeholder for tenant {name:?}, which is not configured"
+                ),
                 Some(name) => format!(
                     "tenant {name:?} is not configured (header {})",
                     self.tenant_header
