@@ -22,6 +22,11 @@ use url::Url;
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "CRITEO_PROXY_";
 
+/// Largest connection count a limit may name (a semaphore holds it).
+const MAX_CONNECTIONS: usize = 1_000_000;
+/// Longest connection timer (a deadline is computed from it).
+const MAX_CONNECTION_TIMER: Duration = Duration::from_secs(24 * 3600);
+
 // === raw, as written ===
 
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +63,12 @@ struct RawServer {
     max_header_bytes: bytesize::ByteSize,
     #[serde(with = "humantime_serde")]
     header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    body_read_timeout: Duration,
+    admin_max_connections: usize,
+    replay_budget: bytesize::ByteSize,
 }
 
 impl Default for RawServer {
@@ -71,9 +82,13 @@ impl Default for RawServer {
             shutdown_grace: Duration::from_secs(20),
             allowed_clients: None,
             workers: None,
-            max_connections: 10_000,
+            max_connections: 1024,
             max_header_bytes: bytesize::ByteSize::kib(64),
             header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            admin_max_connections: 64,
+            replay_budget: bytesize::ByteSize::mib(32),
         }
     }
 }
@@ -88,6 +103,7 @@ struct RawUpstream {
     connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     timeout: Duration,
+    max_connections: usize,
     ca_file: Option<PathBuf>,
 }
 
@@ -99,6 +115,7 @@ impl Default for RawUpstream {
             consent_url: "https://consent.criteo.com/request".into(),
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(60),
+            max_connections: 128,
             ca_file: None,
         }
     }
@@ -244,6 +261,14 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// A client must send its request head within this time.
     pub header_read_timeout: Duration,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body that sends nothing for this long is abandoned.
+    pub body_read_timeout: Duration,
+    /// Open admin connections at most; more are closed at once.
+    pub admin_max_connections: usize,
+    /// Bytes all the bodies kept for a replay may hold together.
+    pub replay_budget: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +278,9 @@ pub struct UpstreamConfig {
     pub consent_url: Url,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Requests in flight to the upstream per worker (so HTTP/1.1
+    /// connections per worker) at most; more wait up to `connect_timeout`.
+    pub max_connections: usize,
     /// Extra trusted roots (PEM) besides the built-in web PKI roots.
     pub extra_roots: Option<ExtraRoots>,
 }
@@ -492,6 +520,18 @@ impl Config {
             "header_read_timeout = {}",
             q(&humantime::format_duration(s.header_read_timeout).to_string())
         );
+        for (key, d) in [
+            ("idle_timeout", s.idle_timeout),
+            ("body_read_timeout", s.body_read_timeout),
+        ] {
+            let _ = writeln!(
+                out,
+                "{key} = {}",
+                q(&humantime::format_duration(d).to_string())
+            );
+        }
+        let _ = writeln!(out, "admin_max_connections = {}", s.admin_max_connections);
+        let _ = writeln!(out, "replay_budget = {}", s.replay_budget);
         if let Some(nets) = &s.allowed_clients {
             let list: Vec<String> = nets.iter().map(|n| q(&n.to_string())).collect();
             let _ = writeln!(out, "allowed_clients = [{}]", list.join(", "));
@@ -503,6 +543,7 @@ impl Config {
         let dur = |d: Duration| q(&humantime::format_duration(d).to_string());
         let _ = writeln!(out, "connect_timeout = {}", dur(u.connect_timeout));
         let _ = writeln!(out, "timeout = {}", dur(u.timeout));
+        let _ = writeln!(out, "max_connections = {}", u.max_connections);
         if let Some(r) = &u.extra_roots {
             let _ = writeln!(out, "ca_file = {}", q(&r.path.display().to_string()));
         }
@@ -597,6 +638,29 @@ impl RawConfig {
         if self.server.header_read_timeout.is_zero() {
             bad("server.header_read_timeout", "must be more than 0s".into());
         }
+        // Connection limits and their timers: counts a semaphore can hold,
+        // durations a deadline can be computed from.
+        for (key, n) in [
+            (
+                "server.admin_max_connections",
+                self.server.admin_max_connections,
+            ),
+            ("upstream.max_connections", self.upstream.max_connections),
+        ] {
+            if !(1..=MAX_CONNECTIONS).contains(&n) {
+                bad(key, format!("{n} must be between 1 and {MAX_CONNECTIONS}"));
+            }
+        }
+        for (key, d) in [
+            ("server.idle_timeout", self.server.idle_timeout),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+        ] {
+            if d.is_zero() || d > MAX_CONNECTION_TIMER {
+                bad(key, "must be more than 0s and at most 1day".into());
+            }
+        }
+        let replay_budget =
+            usize::try_from(self.server.replay_budget.as_u64()).unwrap_or(usize::MAX);
         if self.server.shutdown_grace.is_zero() {
             bad("server.shutdown_grace", "must be more than 0s".into());
         }
@@ -820,6 +884,10 @@ impl RawConfig {
                 max_connections: self.server.max_connections,
                 max_header_bytes,
                 header_read_timeout: self.server.header_read_timeout,
+                idle_timeout: self.server.idle_timeout,
+                body_read_timeout: self.server.body_read_timeout,
+                admin_max_connections: self.server.admin_max_connections,
+                replay_budget,
             },
             upstream: UpstreamConfig {
                 url: upstream_url.expect("checked above"),
@@ -827,6 +895,7 @@ impl RawConfig {
                 consent_url: consent_url.expect("checked above"),
                 connect_timeout: self.upstream.connect_timeout,
                 timeout: self.upstream.timeout,
+                max_connections: self.upstream.max_connections,
                 extra_roots,
             },
             refresh: RefreshConfig {
