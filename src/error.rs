@@ -5,12 +5,20 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use http::{HeaderName, Response, StatusCode};
+use http::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{HeaderName, Method, Response, StatusCode};
 use http_body_util::Full;
 
 /// Header that marks a response made by the proxy, not by Criteo.
 pub const PROXY_ERROR_HEADER: HeaderName = HeaderName::from_static("x-criteo-proxy-error");
+
+/// The longest `Retry-After` the proxy sends, whatever the cause. Clients
+/// such as urllib3 and `curl --retry` sleep for as long as they are told,
+/// and asking again is cheap (the proxy answers from its own state).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// The methods the proxy forwards (CONNECT is answered locally).
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -32,12 +40,24 @@ pub enum ProxyError {
     /// The upstream did not answer within `upstream.timeout`.
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// Every upstream connection of the worker stayed busy for the whole
+    /// wait (`upstream.max_connections`, `upstream.connect_timeout`).
+    #[error(
+        "every upstream connection stayed busy for {0:?} (upstream.max_connections); nothing was forwarded"
+    )]
+    UpstreamBusy(Duration),
     /// The client's address is outside `server.allowed_clients`.
     #[error("client address {0} is not in server.allowed_clients")]
     ClientNotAllowed(std::net::IpAddr),
     /// The client's request could not be read or forwarded as sent.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The client stopped sending its request body.
+    #[error("the request body sent nothing for {0:?} (server.body_read_timeout)")]
+    BodyTimeout(Duration),
+    /// A method the proxy never forwards (CONNECT).
+    #[error("{0} is not forwarded by this proxy")]
+    MethodNotAllowed(Method),
 }
 
 impl ProxyError {
@@ -47,9 +67,12 @@ impl ProxyError {
             ProxyError::ConsentRequired(_) | ProxyError::TokenUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::UpstreamBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ClientNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -59,10 +82,22 @@ impl ProxyError {
             ProxyError::UnknownTenant(_) => "unknown_tenant",
             ProxyError::ConsentRequired(_) => "consent_required",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::UpstreamBusy(_) => "upstream_busy",
             ProxyError::ClientNotAllowed(_) => "client_not_allowed",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BodyTimeout(_) => "body_timeout",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+        }
+    }
+
+    /// When a client may usefully ask again, uncapped.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::TokenUnavailable { retry_after, .. } => Some(*retry_after),
+            ProxyError::UpstreamBusy(_) => Some(Duration::from_secs(1)),
+            _ => None,
         }
     }
 
@@ -76,9 +111,12 @@ impl ProxyError {
         let mut resp = json_response(self.status(), &body);
         let headers = resp.headers_mut();
         headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
-        if let ProxyError::TokenUnavailable { retry_after, .. } = self {
-            let secs = retry_after.as_secs().max(1);
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs().clamp(1, MAX_RETRY_AFTER.as_secs());
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let ProxyError::MethodNotAllowed(_) = self {
+            headers.insert(ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
         }
         resp
     }
@@ -93,4 +131,39 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// The answer to `OPTIONS *` (a question about the proxy itself, which
+/// names no resource to forward): what it forwards, and no body.
+pub fn options_asterisk() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_capped_at_thirty_seconds_and_at_least_one() {
+        let header = |d: Duration| {
+            ProxyError::TokenUnavailable {
+                reason: "x".into(),
+                retry_after: d,
+            }
+            .to_response(None)
+            .headers()[RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(header(Duration::from_secs(299)), "30");
+        assert_eq!(header(Duration::from_millis(200)), "1");
+        assert_eq!(header(Duration::from_secs(7)), "7");
+        let busy = ProxyError::UpstreamBusy(Duration::from_secs(5)).to_response(None);
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers()[RETRY_AFTER], "1");
+    }
 }
