@@ -46,9 +46,6 @@ pub enum ProxyError {
         "every upstream connection stayed busy for {0:?} (upstream.max_connections); nothing was forwarded"
     )]
     UpstreamBusy(Duration),
-    /// The client's address is outside `server.allowed_clients`.
-    #[error("client address {0} is not in server.allowed_clients")]
-    ClientNotAllowed(std::net::IpAddr),
     /// The client's request could not be read or forwarded as sent.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -68,7 +65,6 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::UpstreamBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::ClientNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -83,7 +79,6 @@ impl ProxyError {
             ProxyError::ConsentRequired(_) => "consent_required",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamBusy(_) => "upstream_busy",
-            ProxyError::ClientNotAllowed(_) => "client_not_allowed",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::BadRequest(_) => "bad_request",

@@ -187,12 +187,6 @@ impl Proxy {
         resp
     }
 
-    /// The answer to a client that may not use the proxy at all.
-    pub fn refuse(&self, err: &ProxyError) -> Response<ResponseBody> {
-        self.metrics.unknown_tenant(err.status());
-        err.to_response(None).map(Either::Right)
-    }
-
     /// `CONNECT` (a tunnel) and `OPTIONS *` (a question about the proxy
     /// itself) name nothing to forward: answered here, never with a token.
     #[cold]
