@@ -82,7 +82,7 @@ impl Default for RawServer {
             shutdown_grace: Duration::from_secs(20),
             allowed_clients: None,
             workers: None,
-            max_connections: 1024,
+            max_connections: 256,
             max_header_bytes: bytesize::ByteSize::kib(64),
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
@@ -278,8 +278,9 @@ pub struct UpstreamConfig {
     pub consent_url: Url,
     pub connect_timeout: Duration,
     pub timeout: Duration,
-    /// Requests in flight to the upstream per worker (so HTTP/1.1
-    /// connections per worker) at most; more wait up to `connect_timeout`.
+    /// Requests in flight to the upstream at most (so HTTP/1.1
+    /// connections), shared equally by the workers; more wait up to
+    /// `connect_timeout`.
     pub max_connections: usize,
     /// Extra trusted roots (PEM) besides the built-in web PKI roots.
     pub extra_roots: Option<ExtraRoots>,

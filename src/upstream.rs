@@ -14,9 +14,9 @@
 //! upstream) and the lock is never contended (one thread per pool).
 //!
 //! Each request holds a [`Slot`] from before it is sent until its response
-//! body ends: at most `upstream.max_connections` per worker, so at most
-//! that many HTTP/1.1 connections (and HTTP/2 streams) per worker. A
-//! request that finds none free waits for one up to
+//! body ends: at most the worker's share of `upstream.max_connections`, so
+//! at most that many HTTP/1.1 connections (and HTTP/2 streams) per worker.
+//! A request that finds none free waits for one up to
 //! `upstream.connect_timeout`, then gets `503 upstream_busy`.
 
 use std::collections::VecDeque;
@@ -71,6 +71,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// At most this many idle HTTP/1.1 connections per worker; more are closed
 /// when their response ends.
 const MAX_IDLE: usize = 512;
+/// Per upstream connection (HTTP/1.1) or request stream (HTTP/2): what is
+/// read ahead of a slow client, or queued before Criteo takes it. hyper's
+/// defaults (about 400 KB and 1 MB), times `upstream.max_connections`
+/// per worker, would not fit the memory limit.
+const BUFFER: usize = 64 * 1024;
 
 /// Where requests go, and the pool that takes them there. Cloning shares
 /// the pool.
@@ -200,10 +205,15 @@ impl Upstream {
     /// before the client's body is read, so that a busy answer leaves it
     /// unread (and drainable).
     pub async fn acquire(&self) -> Result<Slot, Busy> {
-        let inner = &self.inner;
-        if inner.try_take() {
-            return Ok(Slot(Arc::clone(inner)));
+        if self.inner.try_take() {
+            return Ok(Slot(Arc::clone(&self.inner)));
         }
+        // Boxed: rare, and the request's future would carry its size.
+        Box::pin(self.wait_for_slot()).await
+    }
+
+    async fn wait_for_slot(&self) -> Result<Slot, Busy> {
+        let inner = &self.inner;
         let deadline = tokio::time::Instant::now() + inner.queue_wait;
         inner.waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(inner);
@@ -413,6 +423,7 @@ impl Inner {
         if io.connected().is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_send_buf_size(BUFFER)
                 .handshake(io)
                 .await?;
             tokio::spawn(async move {
@@ -423,7 +434,10 @@ impl Inner {
             self.h2.store(Some(Arc::new(tx.clone())));
             Ok(Conn::H2(tx))
         } else {
-            let (tx, conn) = http1::Builder::new().handshake(io).await?;
+            let (tx, conn) = http1::Builder::new()
+                .max_buf_size(BUFFER)
+                .handshake(io)
+                .await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream connection ended with an error");

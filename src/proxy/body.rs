@@ -308,7 +308,8 @@ pub async fn prepare(
     let mut first: Option<Bytes> = None;
     let mut more: Option<BytesMut> = None;
     let mut total = 0usize;
-    while let Some(frame) = next_frame(&mut body, gap).await? {
+    let mut stall = None;
+    while let Some(frame) = next_frame(&mut body, gap, &mut stall).await? {
         let Ok(data) = frame?.into_data() else {
             continue; // trailers are not forwarded
         };
@@ -340,18 +341,29 @@ pub async fn prepare(
 }
 
 /// The body's next frame, waiting at most `gap` for it. A frame already
-/// there is taken without starting a timer.
+/// there is taken without starting a timer; `stall` is the body's one
+/// timer, made the first time it is needed.
 async fn next_frame(
     body: &mut Incoming,
     gap: Duration,
+    stall: &mut Option<Pin<Box<Sleep>>>,
 ) -> Result<Option<Result<Frame<Bytes>, hyper::Error>>, BodyError> {
     let mut next = body.frame();
     let now = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut next).poll(cx))).await;
-    match now {
-        Poll::Ready(frame) => Ok(frame),
-        Poll::Pending => tokio::time::timeout(gap, next)
-            .await
-            .map_err(|_| BodyError::Stalled(gap)),
+    if let Poll::Ready(frame) = now {
+        return Ok(frame);
+    }
+    let deadline = tokio::time::Instant::now() + gap;
+    let stall = match stall {
+        Some(s) => {
+            s.as_mut().reset(deadline);
+            s
+        }
+        None => stall.insert(Box::pin(tokio::time::sleep_until(deadline))),
+    };
+    tokio::select! {
+        frame = next => Ok(frame),
+        () = stall.as_mut() => Err(BodyError::Stalled(gap)),
     }
 }
 

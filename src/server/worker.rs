@@ -65,6 +65,17 @@ impl std::fmt::Debug for Handoff {
     }
 }
 
+/// What an HTTP/2 client may send before the proxy reads it, per stream
+/// and per connection, and what may wait to be written to it per stream:
+/// HTTP/2's own default window (hyper's 1 MiB windows and 400 KB send
+/// buffers, times every connection, would not fit the memory limit).
+const H2_WINDOW: u32 = 64 * 1024;
+const H2_SEND_BUFFER: usize = 64 * 1024;
+/// Requests in progress on one HTTP/2 connection (hyper's default, 200,
+/// times `server.max_connections`, would not fit either; clients queue
+/// the others on their side).
+const H2_MAX_STREAMS: u32 = 16;
+
 /// The HTTP/1.1 + HTTP/2 server settings both listeners use.
 pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -79,6 +90,10 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .initial_stream_window_size(H2_WINDOW)
+        .initial_connection_window_size(H2_WINDOW)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .max_concurrent_streams(H2_MAX_STREAMS)
         // A peer silent for the idle time is pinged, and dropped if it
         // does not answer as long (a vanished client with streams open).
         .keep_alive_interval(limits.idle_timeout)
@@ -96,6 +111,10 @@ impl Workers {
         limits: &Limits,
     ) -> std::io::Result<Self> {
         let (stop, stop_rx) = watch::channel(false);
+        // upstream.max_connections is shared equally by the workers, so
+        // that memory does not grow with the CPU count.
+        let mut upstream = upstream.clone();
+        upstream.max_connections = upstream.max_connections.div_ceil(count.max(1));
         let mut senders = Vec::with_capacity(count);
         let mut done = Vec::with_capacity(count);
         for i in 0..count {
