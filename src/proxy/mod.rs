@@ -215,24 +215,23 @@ impl Proxy {
     }
 
     /// Makes an answer to a request whose body was not read to its end
-    /// safe for the client's connection. HTTP/2 ends the request's stream
-    /// on its own (the connection lives on); on HTTP/1.1 the body is read
-    /// and dropped first if it is small, else the answer closes the
-    /// connection, cleanly (the body is still read for a while, in the
-    /// background).
+    /// safe for the client's connection: a small body is read and dropped
+    /// first. Past that, HTTP/2 ends the request's stream on its own
+    /// (RST_STREAM with NO_ERROR, which some clients mishandle, hence the
+    /// reading first); HTTP/1.1 gets `Connection: close`, and the body is
+    /// still read for a while, in the background, so that the close comes
+    /// cleanly after it.
     async fn settle(
         &self,
         mut resp: Response<ResponseBody>,
         version: Version,
         left: Leftover,
     ) -> Response<ResponseBody> {
-        if version == Version::HTTP_2 {
-            return resp;
-        }
+        let h2 = version == Version::HTTP_2;
         let close = match left {
             Leftover::Nothing => false,
-            Leftover::Lost => true,
-            Leftover::Unread(body) => !drain_unread(body).await,
+            Leftover::Lost => !h2,
+            Leftover::Unread(body) => !drain_unread(body, h2).await && !h2,
         };
         if close {
             resp.headers_mut()
@@ -471,12 +470,12 @@ async fn after_body<F: Future>(
     tokio::time::timeout(timeout, sending).await.ok()
 }
 
-/// Reads and drops a body the answer did not need, so that the HTTP/1.1
-/// connection stays usable. A small one is read now; when more is coming
-/// (or it takes too long) it returns false, the answer then closes the
-/// connection, and a task goes on reading and dropping the body for a
+/// Reads and drops a body the answer did not need, so that the connection
+/// stays usable. A small one is read now; when more is coming (or it takes
+/// too long) it returns false, and on HTTP/1.1, whose answer then closes
+/// the connection, a task goes on reading and dropping the body for a
 /// while so that the close comes cleanly after it.
-async fn drain_unread(mut body: Incoming) -> bool {
+async fn drain_unread(mut body: Incoming, h2: bool) -> bool {
     use http_body::Body as _;
     if body.is_end_stream() {
         return true;
@@ -487,6 +486,9 @@ async fn drain_unread(mut body: Incoming) -> bool {
         .is_none_or(|n| n <= UNREAD_DRAIN_LIMIT as u64);
     if small && body::drain(&mut body, UNREAD_DRAIN_LIMIT, UNREAD_DRAIN_TIME).await {
         return true;
+    }
+    if h2 {
+        return false;
     }
     tokio::spawn(async move {
         body::drain(&mut body, LINGER_LIMIT, LINGER_TIME).await;

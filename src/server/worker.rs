@@ -65,16 +65,20 @@ impl std::fmt::Debug for Handoff {
     }
 }
 
-/// What an HTTP/2 client may send before the proxy reads it, per stream
-/// and per connection, and what may wait to be written to it per stream:
-/// HTTP/2's own default window (hyper's 1 MiB windows and 400 KB send
-/// buffers, times every connection, would not fit the memory limit).
-const H2_WINDOW: u32 = 64 * 1024;
+/// Requests in progress on one HTTP/2 connection; clients queue the others
+/// on their side. Hyper's default, 200, times `server.max_connections`,
+/// would not fit the memory limit (each costs a few KiB even while it
+/// waits), and Criteo's rate limits leave no use for more.
+const H2_MAX_STREAMS: u32 = 8;
+/// What an HTTP/2 client may send on a stream before the proxy reads it.
+/// The connection's window is the sum of its streams' windows, so that
+/// streams whose bodies wait (for a token, for an upstream connection)
+/// can never starve the one being forwarded. Hyper's 1 MiB windows, times
+/// every connection, would not fit the memory limit.
+const H2_STREAM_WINDOW: u32 = 8 * 1024;
+const H2_CONNECTION_WINDOW: u32 = H2_MAX_STREAMS * H2_STREAM_WINDOW;
+/// What may wait to be written to a client, per stream (hyper: 400 KB).
 const H2_SEND_BUFFER: usize = 64 * 1024;
-/// Requests in progress on one HTTP/2 connection (hyper's default, 200,
-/// times `server.max_connections`, would not fit either; clients queue
-/// the others on their side).
-const H2_MAX_STREAMS: u32 = 16;
 
 /// The HTTP/1.1 + HTTP/2 server settings both listeners use.
 pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -90,8 +94,8 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .initial_stream_window_size(H2_WINDOW)
-        .initial_connection_window_size(H2_WINDOW)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_send_buf_size(H2_SEND_BUFFER)
         .max_concurrent_streams(H2_MAX_STREAMS)
         // A peer silent for the idle time is pinged, and dropped if it
