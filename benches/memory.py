@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Peak memory of the proxy under the loads that used to blow its budget.
 
-    cargo build --release && benches/memory.py [--tls] [--workers N] [--config-extra 'server.key = value' ...]
+    cargo build --release && benches/memory.py [--tls] [--workers N] [--server 'key = value'] [--only posts,h2,...]
 
 Starts target/release/criteo-token-proxy with its default limits against a
 stand-in for Criteo in this process (a token endpoint and an API that
@@ -20,7 +20,7 @@ Scenarios:
           fetching a 4 MiB answer and reading none of it
   h2      server.max_connections HTTP/2 connections, each with as many GETs
           as the proxy lets a connection have in progress (--h2-streams),
-          against an upstream that answers after 3 s; needs --h2load
+          against an upstream that answers after 3 s (benches/h2load.rs)
   h2posts the same with 1 MiB POSTs, answered 2 s after their body arrived
 """
 
@@ -161,10 +161,22 @@ async def slow_readers(port, n):
     return statuses
 
 
+def build_h2load():
+    """Builds benches/h2load.rs and returns the path of its binary."""
+    import json
+    out = subprocess.run(
+        ["cargo", "build", "--release", "--bench", "h2load", "--message-format=json"],
+        check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "h2load":
+            return msg["executable"]
+    raise SystemExit("benches/h2load.rs built no binary")
+
+
 async def h2(port, h2load, conns, streams, path="/2024-10/slow?ms=3000", body=0):
-    """`conns` HTTP/2 connections with `streams` GETs each (a client-side
-    load tool: https://github.com/ is not needed, any h2 client that takes
-    ADDR CONNS STREAMS PATH BODY_BYTES and prints the statuses will do)."""
+    """`conns` HTTP/2 connections with `streams` requests each, sent by
+    benches/h2load.rs."""
     proc = await asyncio.create_subprocess_exec(
         h2load, f"127.0.0.1:{port}", str(conns), str(streams), path, str(body),
         stdout=asyncio.subprocess.PIPE)
@@ -187,13 +199,16 @@ async def main():
     ap.add_argument("--max-connections", type=int, default=256,
                     help="the server.max_connections in effect (for the loads)")
     ap.add_argument("--upstream-max-connections", type=int, default=128)
-    ap.add_argument("--h2load", help="an HTTP/2 load client, for the h2 scenario")
-    ap.add_argument("--h2-streams", type=int, default=100)
+    ap.add_argument("--h2load", help="the HTTP/2 load client (default: build benches/h2load.rs)")
+    ap.add_argument("--h2-streams", type=int, default=8,
+                    help="requests per HTTP/2 connection (the proxy serves 8 at a time)")
     ap.add_argument("--posts", type=int, default=200, help="concurrent 1 MiB POSTs")
-    ap.add_argument("--only", default="posts,gets,heads,slowrd")
+    ap.add_argument("--only", default="posts,gets,heads,slowrd,h2,h2posts")
     ap.add_argument("--server", action="append", default=[], help="extra [server] line")
     ap.add_argument("--upstream", action="append", default=[], help="extra [upstream] line")
     args = ap.parse_args()
+    if any(s.startswith("h2") for s in args.only.split(",")) and not args.h2load:
+        args.h2load = build_h2load()
 
     work = tempfile.mkdtemp()
     ctx = None
