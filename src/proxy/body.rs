@@ -72,8 +72,18 @@ impl OutBody {
         }
     }
 
+    /// What is left of the client's body, unsent: a streamed body that
+    /// will not go upstream after all can still be read and dropped.
+    pub fn into_unsent(self) -> Option<Incoming> {
+        match self {
+            OutBody::Full(_) => None,
+            OutBody::Stream(s) => Some(s.rest),
+        }
+    }
+
     /// `prefix` (already read) then the rest of `rest`, and the receiver
-    /// that learns when it has all been sent.
+    /// that learns when it has all been sent (a sender dropped before
+    /// that counts as [`End::Broken`]).
     fn stream(prefix: Option<Bytes>, rest: Incoming, gap: Duration) -> (Self, BodyEnd) {
         let (tx, rx) = oneshot::channel();
         let body = OutBody::Stream(Box::new(Streamed {
@@ -125,12 +135,6 @@ impl Streamed {
                 Poll::Pending
             }
         }
-    }
-}
-
-impl Drop for Streamed {
-    fn drop(&mut self) {
-        self.finish(End::Broken);
     }
 }
 

@@ -267,26 +267,31 @@ impl Proxy {
                 Err(u) => return Err(Failed::unread(unavailable(tenant, u), body)),
             },
         };
-        // A place on an upstream connection, before the body is read: a
-        // busy answer leaves the body unread, so it can be drained.
-        let slot = match self.upstream.acquire().await {
-            Ok(slot) => slot,
-            Err(busy) => return Err(Failed::unread(ProxyError::UpstreamBusy(busy.0), body)),
-        };
-
         // The replay budget this request holds, given back when it ends.
         let mut kept = self.replay_budget.reserve();
-        let prepared = prepare(
-            body,
-            self.max_replay_body,
-            &mut kept,
-            self.body_read_timeout,
-        )
-        .await
-        .map_err(|e| Failed {
-            err: body_error(e),
-            left: Leftover::Lost,
-        })?;
+        let gap = self.body_read_timeout;
+        let prepared = prepare(body, self.max_replay_body, &mut kept, gap)
+            .await
+            .map_err(|e| Failed {
+                err: body_error(e),
+                left: Leftover::Lost,
+            })?;
+        // A place on an upstream connection once the body is in hand (a
+        // slow client holds none while it sends a body that is kept); a
+        // busy answer leaves the rest of a streamed body to be drained.
+        let slot = match self.upstream.acquire().await {
+            Ok(slot) => slot,
+            Err(busy) => {
+                let left = match prepared {
+                    Prepared::Replayable(_) => Leftover::Nothing,
+                    Prepared::Streaming(body, _) => {
+                        body.into_unsent().map_or(Leftover::Lost, Leftover::Unread)
+                    }
+                };
+                let err = ProxyError::UpstreamBusy(busy.0);
+                return Err(Failed { err, left });
+            }
+        };
         let bytes = match prepared {
             Prepared::Streaming(body, end) => {
                 let req = outgoing(parts.method, uri, parts.headers, body);
