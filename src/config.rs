@@ -1018,6 +1018,28 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_and_timers_are_checked_by_name() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.server.max_connections, 256);
+        assert_eq!(c.server.admin_max_connections, 64);
+        assert_eq!(c.server.replay_budget, 32 * 1024 * 1024);
+        assert_eq!(c.upstream.max_connections, 128);
+        let err = Config::from_toml(&format!(
+            "{MINIMAL}\n[server]\nadmin_max_connections = 0\nidle_timeout = \"0s\"\nbody_read_timeout = \"400days\"\n[upstream]\nmax_connections = 2000000\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "server.admin_max_connections",
+            "server.idle_timeout",
+            "server.body_read_timeout",
+            "upstream.max_connections",
+        ] {
+            assert!(err.contains(key), "{key} missing from {err}");
+        }
+    }
+
+    #[test]
     fn debug_and_redacted_output_never_show_a_secret() {
         let c = Config::from_toml(MINIMAL).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
