@@ -74,6 +74,13 @@ struct RawServer {
     #[serde(deserialize_with = "opt_lenient_secret", serialize_with = "redacted")]
     admin_token: Option<SecretString>,
     admin_token_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    body_read_timeout: Duration,
+    admin_max_connections: usize,
+    #[serde(serialize_with = "exact_bytes")]
+    replay_budget: bytesize::ByteSize,
 }
 
 impl Default for RawServer {
@@ -87,11 +94,15 @@ impl Default for RawServer {
             shutdown_grace: Duration::from_secs(20),
             allowed_clients: None,
             workers: None,
-            max_connections: 10_000,
+            max_connections: 256,
             max_header_bytes: bytesize::ByteSize::kib(64),
             header_read_timeout: Duration::from_secs(30),
             admin_token: None,
             admin_token_file: None,
+            idle_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            admin_max_connections: 64,
+            replay_budget: bytesize::ByteSize::mib(32),
         }
     }
 }
@@ -106,6 +117,7 @@ struct RawUpstream {
     connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     timeout: Duration,
+    max_connections: usize,
     ca_file: Option<PathBuf>,
 }
 
@@ -117,6 +129,7 @@ impl Default for RawUpstream {
             consent_url: "https://consent.criteo.com/request".into(),
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(60),
+            max_connections: 128,
             ca_file: None,
         }
     }
@@ -297,6 +310,14 @@ pub struct ServerConfig {
     /// anywhere; when not, only clients on loopback. A file is read again
     /// at each such request.
     pub admin_token: Option<SecretSource>,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body that sends nothing for this long is abandoned.
+    pub body_read_timeout: Duration,
+    /// Open admin connections at most; more are closed at once.
+    pub admin_max_connections: usize,
+    /// Bytes all the bodies kept for a replay may hold together.
+    pub replay_budget: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +327,10 @@ pub struct UpstreamConfig {
     pub consent_url: Url,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// Requests in flight to the upstream at most (so HTTP/1.1
+    /// connections), shared equally by the workers; more wait up to
+    /// `connect_timeout`.
+    pub max_connections: usize,
     /// Extra trusted roots (PEM) besides the built-in web PKI roots.
     pub extra_roots: Option<ExtraRoots>,
 }
@@ -471,6 +496,7 @@ const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
 const MAX_CONNECTIONS: usize = 1_000_000;
 const MAX_REPLAY_BODY: u64 = 64 * 1024 * 1024;
 const MAX_HEADER_BYTES: u64 = 1024 * 1024;
+const MAX_REPLAY_BUDGET: u64 = 1024 * 1024 * 1024;
 
 /// More than zero, at most `max`.
 fn duration_within(key: &str, d: Duration, max: Duration, bad: &mut impl FnMut(&str, String)) {
@@ -675,6 +701,31 @@ impl RawConfig {
                 ),
             );
         }
+        // Connection limits and their timers: counts a semaphore can hold,
+        // durations a deadline can be computed from.
+        for (key, n) in [
+            (
+                "server.admin_max_connections",
+                self.server.admin_max_connections,
+            ),
+            ("upstream.max_connections", self.upstream.max_connections),
+        ] {
+            if !(1..=MAX_CONNECTIONS).contains(&n) {
+                bad(key, format!("{n} must be between 1 and {MAX_CONNECTIONS}"));
+            }
+        }
+        for (key, d) in [
+            ("server.idle_timeout", self.server.idle_timeout),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+        ] {
+            duration_within(key, d, MAX_TIMEOUT, &mut bad);
+        }
+        let replay_budget = size_within(
+            "server.replay_budget",
+            self.server.replay_budget,
+            1..=MAX_REPLAY_BUDGET,
+            &mut bad,
+        );
         let max_header_bytes = size_within(
             "server.max_header_bytes",
             self.server.max_header_bytes,
@@ -944,6 +995,10 @@ impl RawConfig {
                 max_header_bytes,
                 header_read_timeout: self.server.header_read_timeout,
                 admin_token,
+                idle_timeout: self.server.idle_timeout,
+                body_read_timeout: self.server.body_read_timeout,
+                admin_max_connections: self.server.admin_max_connections,
+                replay_budget,
             },
             upstream: UpstreamConfig {
                 url: upstream_url.expect("checked above"),
@@ -951,6 +1006,7 @@ impl RawConfig {
                 consent_url: consent_url.expect("checked above"),
                 connect_timeout: self.upstream.connect_timeout,
                 timeout: self.upstream.timeout,
+                max_connections: self.upstream.max_connections,
                 extra_roots,
             },
             refresh: RefreshConfig {
@@ -1230,6 +1286,28 @@ mod tests {
             }
             Ok(())
         });
+    }
+
+    #[test]
+    fn connection_limits_and_timers_are_checked_by_name() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.server.max_connections, 256);
+        assert_eq!(c.server.admin_max_connections, 64);
+        assert_eq!(c.server.replay_budget, 32 * 1024 * 1024);
+        assert_eq!(c.upstream.max_connections, 128);
+        let err = Config::from_toml(&format!(
+            "{MINIMAL}\n[server]\nadmin_max_connections = 0\nidle_timeout = \"0s\"\nbody_read_timeout = \"400days\"\n[upstream]\nmax_connections = 2000000\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "server.admin_max_connections",
+            "server.idle_timeout",
+            "server.body_read_timeout",
+            "upstream.max_connections",
+        ] {
+            assert!(err.contains(key), "{key} missing from {err}");
+        }
     }
 
     #[test]

@@ -12,6 +12,14 @@ use http_body_util::Full;
 /// Header that marks a response made by the proxy, not by Criteo.
 pub const PROXY_ERROR_HEADER: HeaderName = HeaderName::from_static("x-criteo-proxy-error");
 
+/// The longest `Retry-After` the proxy sends, whatever the cause. Clients
+/// such as urllib3 and `curl --retry` sleep for as long as they are told,
+/// and asking again is cheap (the proxy answers from its own state).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// The methods the proxy forwards (CONNECT is answered locally).
+pub(crate) const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// The request named no tenant, or one that is not configured.
@@ -32,9 +40,12 @@ pub enum ProxyError {
     /// The upstream did not answer within `upstream.timeout`.
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
-    /// The client's address is outside `server.allowed_clients`.
-    #[error("client address {0} is not in server.allowed_clients")]
-    ClientNotAllowed(std::net::IpAddr),
+    /// Every upstream connection of the worker stayed busy for the whole
+    /// wait (`upstream.max_connections`, `upstream.connect_timeout`).
+    #[error(
+        "every upstream connection stayed busy for {0:?} (upstream.max_connections); nothing was forwarded"
+    )]
+    UpstreamBusy(Duration),
     /// The client's request could not be read or forwarded as sent.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -49,6 +60,9 @@ pub enum ProxyError {
     /// holds the tokens, and a refusal there must not pass for the API's).
     #[error("{0}")]
     NotForwarded(String),
+    /// The client stopped sending its request body.
+    #[error("the request body sent nothing for {0:?} (server.body_read_timeout)")]
+    BodyTimeout(Duration),
 }
 
 impl ProxyError {
@@ -58,11 +72,12 @@ impl ProxyError {
             ProxyError::ConsentRequired(_) | ProxyError::TokenUnavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::ClientNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProxyError::UpstreamBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NotForwarded(_) => StatusCode::NOT_FOUND,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -72,12 +87,22 @@ impl ProxyError {
             ProxyError::UnknownTenant(_) => "unknown_tenant",
             ProxyError::ConsentRequired(_) => "consent_required",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
-            ProxyError::ClientNotAllowed(_) => "client_not_allowed",
+            ProxyError::UpstreamBusy(_) => "upstream_busy",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::NotForwarded(_) => "not_forwarded",
+            ProxyError::BodyTimeout(_) => "body_timeout",
+        }
+    }
+
+    /// When a client may usefully ask again, uncapped.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::TokenUnavailable { retry_after, .. } => Some(*retry_after),
+            ProxyError::UpstreamBusy(_) => Some(Duration::from_secs(1)),
+            _ => None,
         }
     }
 
@@ -91,15 +116,12 @@ impl ProxyError {
         let mut resp = json_response(self.status(), &body);
         let headers = resp.headers_mut();
         headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
-        match self {
-            ProxyError::TokenUnavailable { retry_after, .. } => {
-                let secs = retry_after.as_secs().max(1);
-                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
-            }
-            ProxyError::MethodNotAllowed { allow, .. } => {
-                headers.insert(ALLOW, HeaderValue::from_static(allow));
-            }
-            _ => {}
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs().clamp(1, MAX_RETRY_AFTER.as_secs());
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let ProxyError::MethodNotAllowed { allow, .. } = self {
+            headers.insert(ALLOW, HeaderValue::from_static(allow));
         }
         resp
     }
@@ -114,4 +136,39 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// The answer to `OPTIONS *` (a question about the proxy itself, which
+/// names no resource to forward): what it forwards, and no body.
+pub fn options_asterisk() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_capped_at_thirty_seconds_and_at_least_one() {
+        let header = |d: Duration| {
+            ProxyError::TokenUnavailable {
+                reason: "x".into(),
+                retry_after: d,
+            }
+            .to_response(None)
+            .headers()[RETRY_AFTER]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(header(Duration::from_secs(299)), "30");
+        assert_eq!(header(Duration::from_millis(200)), "1");
+        assert_eq!(header(Duration::from_secs(7)), "7");
+        let busy = ProxyError::UpstreamBusy(Duration::from_secs(5)).to_response(None);
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers()[RETRY_AFTER], "1");
+    }
 }

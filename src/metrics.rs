@@ -20,6 +20,7 @@ pub struct Metrics {
     expiry: prometheus::GaugeVec,
     consent_required: IntCounterVec,
     consent_callbacks: IntCounterVec,
+    connections_refused: IntCounterVec,
 }
 
 /// The statuses whose counters are resolved once per tenant.
@@ -111,8 +112,17 @@ impl Metrics {
             &["type"],
         )
         .expect("valid metric");
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "criteo_proxy_connections_refused_total",
+                "Connections closed at accept, by listener and reason (allowed_clients, max_connections).",
+            ),
+            &["listener", "reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(consent_required.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_refused.clone()),
             Box::new(consent_callbacks.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -131,7 +141,15 @@ impl Metrics {
             expiry,
             consent_required,
             consent_callbacks,
+            connections_refused,
         }
+    }
+
+    /// A connection was closed at accept.
+    pub fn connection_refused(&self, listener: &str, reason: &str) {
+        self.connections_refused
+            .with_label_values(&[listener, reason])
+            .inc();
     }
 
     /// A signed consent callback was accepted.

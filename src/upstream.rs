@@ -12,10 +12,17 @@
 //! behind a lock, a boxed future, and the `Host` header formatted anew.
 //! Here the `Host` value is built once, the pool key is implicit (one
 //! upstream) and the lock is never contended (one thread per pool).
+//!
+//! Each request holds a [`Slot`] from before it is sent until its response
+//! body ends: at most the worker's share of `upstream.max_connections`, so
+//! at most that many HTTP/1.1 connections (and HTTP/2 streams) per worker.
+//! A request that finds none free waits for one up to
+//! `upstream.connect_timeout`, then gets `503 upstream_busy`.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,6 +38,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
 use tower_service::Service;
 
 use crate::config::UpstreamConfig;
@@ -53,11 +61,21 @@ pub enum SendError {
     Http(#[from] hyper::Error),
 }
 
+/// Every slot of the worker stayed taken for the whole wait.
+#[derive(Debug, thiserror::Error)]
+#[error("every upstream connection stayed busy for {0:?}")]
+pub struct Busy(pub Duration);
+
 /// How long an idle HTTP/1.1 connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// At most this many idle HTTP/1.1 connections per worker; more are closed
 /// when their response ends.
 const MAX_IDLE: usize = 512;
+/// Per upstream connection (HTTP/1.1) or request stream (HTTP/2): what is
+/// read ahead of a slow client, or queued before Criteo takes it. hyper's
+/// defaults (about 400 KB and 1 MB), times `upstream.max_connections`
+/// per worker, would not fit the memory limit.
+const BUFFER: usize = 64 * 1024;
 
 /// Where requests go, and the pool that takes them there. Cloning shares
 /// the pool.
@@ -80,6 +98,16 @@ struct Inner {
     idle: Mutex<VecDeque<Idle>>,
     /// The HTTP/2 connection every request shares, once ALPN chose it.
     h2: ArcSwapOption<http2::SendRequest<OutBody>>,
+    /// Slots taken (requests between [`Upstream::acquire`] and the end of
+    /// their response body), at most `max_in_flight`.
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
+    /// Requests waiting for a slot; a slot given back wakes one only when
+    /// there are any, so the common path takes no lock.
+    waiting: AtomicUsize,
+    freed: Notify,
+    /// How long a request waits for a slot.
+    queue_wait: Duration,
 }
 
 impl std::fmt::Debug for Inner {
@@ -144,6 +172,11 @@ impl Upstream {
                 timeout: cfg.timeout,
                 idle: Mutex::new(VecDeque::new()),
                 h2: ArcSwapOption::empty(),
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: cfg.max_connections,
+                waiting: AtomicUsize::new(0),
+                freed: Notify::new(),
+                queue_wait: cfg.connect_timeout,
             }),
         })
     }
@@ -167,12 +200,46 @@ impl Upstream {
         Ok(Uri::from(pq))
     }
 
+    /// A slot for one request, waiting for one at most
+    /// `upstream.connect_timeout` when the worker has none free. Taken
+    /// before the client's body is read, so that a busy answer leaves it
+    /// unread (and drainable).
+    pub async fn acquire(&self) -> Result<Slot, Busy> {
+        if self.inner.try_take() {
+            return Ok(Slot(Arc::clone(&self.inner)));
+        }
+        // Boxed: rare, and the request's future would carry its size.
+        Box::pin(self.wait_for_slot()).await
+    }
+
+    async fn wait_for_slot(&self) -> Result<Slot, Busy> {
+        let inner = &self.inner;
+        let deadline = tokio::time::Instant::now() + inner.queue_wait;
+        inner.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(inner);
+        loop {
+            let freed = inner.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check, so a slot given back between
+            // the check and the wait still wakes this one.
+            freed.as_mut().enable();
+            if inner.try_take() {
+                return Ok(Slot(Arc::clone(inner)));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(Busy(inner.queue_wait));
+            }
+        }
+    }
+
     /// Sends a request whose URI came from [`Upstream::uri_for`], on a
     /// pooled connection or a new one. A request that a pooled connection
     /// could not take (it had just closed) goes on another one; a request
-    /// that was written is never sent twice.
+    /// that was written is never sent twice. The slot stays with the
+    /// response body until it ends.
     pub async fn send(
         &self,
+        slot: Slot,
         mut req: Request<OutBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let inner = &self.inner;
@@ -180,7 +247,7 @@ impl Upstream {
         if let Some(mut tx) = inner.shared_h2() {
             inner.absolute_form(&mut req);
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(UpstreamBody::unpooled)),
+                Ok(resp) => return Ok(UpstreamBody::unpooled(resp, slot)),
                 // Not taken (the connection is closing): a new one below.
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
@@ -199,7 +266,7 @@ impl Upstream {
             }
             inner.origin_form(&mut req);
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(UpstreamBody::pooled(resp, tx, &self.inner)),
+                Ok(resp) => return Ok(UpstreamBody::pooled(resp, tx, slot)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
                     None => return Err(e.into_error().into()),
@@ -213,12 +280,12 @@ impl Upstream {
             Conn::H1(mut tx) => {
                 inner.origin_form(&mut req);
                 let resp = tx.send_request(req).await?;
-                Ok(UpstreamBody::pooled(resp, tx, &self.inner))
+                Ok(UpstreamBody::pooled(resp, tx, slot))
             }
             Conn::H2(mut tx) => {
                 inner.absolute_form(&mut req);
                 let resp = tx.send_request(req).await?;
-                Ok(resp.map(UpstreamBody::unpooled))
+                Ok(UpstreamBody::unpooled(resp, slot))
             }
         }
     }
@@ -240,6 +307,29 @@ enum Conn {
     H2(http2::SendRequest<OutBody>),
 }
 
+/// One request's place under `upstream.max_connections`, given back when
+/// dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<Inner>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.0.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.freed.notify_one();
+        }
+    }
+}
+
+/// Counts a request among the waiters while it waits.
+struct Waiting<'a>(&'a Inner);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -249,6 +339,14 @@ fn idle_too_long(since: coarsetime::Instant, now: coarsetime::Instant) -> bool {
 }
 
 impl Inner {
+    fn try_take(&self) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.max_in_flight).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
     /// The shared HTTP/2 connection, unless there is none or it closed
     /// (then it is dropped, and the next request connects anew).
     fn shared_h2(&self) -> Option<http2::SendRequest<OutBody>> {
@@ -325,6 +423,7 @@ impl Inner {
         if io.connected().is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_send_buf_size(BUFFER)
                 .handshake(io)
                 .await?;
             tokio::spawn(async move {
@@ -335,7 +434,10 @@ impl Inner {
             self.h2.store(Some(Arc::new(tx.clone())));
             Ok(Conn::H2(tx))
         } else {
-            let (tx, conn) = http1::Builder::new().handshake(io).await?;
+            let (tx, conn) = http1::Builder::new()
+                .max_buf_size(BUFFER)
+                .handshake(io)
+                .await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -348,27 +450,38 @@ impl Inner {
 
 /// A response body from the upstream. An HTTP/1.1 connection goes back to
 /// the pool once its body has been read to the end; a body dropped before
-/// that takes its connection with it (hyper closes it).
+/// that takes its connection with it (hyper closes it). The request's slot
+/// is given back at the same moment.
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
-    home: Option<(http1::SendRequest<OutBody>, Arc<Inner>)>,
+    home: Option<http1::SendRequest<OutBody>>,
+    slot: Option<Slot>,
 }
 
 impl UpstreamBody {
-    fn unpooled(inner: Incoming) -> Self {
-        Self { inner, home: None }
+    fn unpooled(resp: Response<Incoming>, slot: Slot) -> Response<Self> {
+        Self::wrap(resp, None, slot)
     }
 
     fn pooled(
         resp: Response<Incoming>,
         tx: http1::SendRequest<OutBody>,
-        pool: &Arc<Inner>,
+        slot: Slot,
+    ) -> Response<Self> {
+        Self::wrap(resp, Some(tx), slot)
+    }
+
+    fn wrap(
+        resp: Response<Incoming>,
+        home: Option<http1::SendRequest<OutBody>>,
+        slot: Slot,
     ) -> Response<Self> {
         resp.map(|inner| {
             let mut body = Self {
                 inner,
-                home: Some((tx, Arc::clone(pool))),
+                home,
+                slot: Some(slot),
             };
             // An empty body may never be polled.
             if body.inner.is_end_stream() {
@@ -378,10 +491,13 @@ impl UpstreamBody {
         })
     }
 
+    /// The body has been read to the end: the connection can take another
+    /// request, and the slot another request.
     fn go_home(&mut self) {
-        if let Some((tx, pool)) = self.home.take() {
-            pool.release(tx);
+        if let (Some(tx), Some(slot)) = (self.home.take(), &self.slot) {
+            slot.0.release(tx);
         }
+        self.slot = None;
     }
 }
 
@@ -399,7 +515,10 @@ impl Body for UpstreamBody {
             Poll::Ready(None) => this.go_home(),
             // The server stops polling once `is_end_stream` says so.
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.go_home(),
-            Poll::Ready(Some(Err(_))) => this.home = None,
+            Poll::Ready(Some(Err(_))) => {
+                this.home = None;
+                this.slot = None;
+            }
             _ => {}
         }
         polled

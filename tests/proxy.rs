@@ -674,21 +674,20 @@ async fn shutdown_lets_an_in_flight_request_finish() {
 }
 
 #[tokio::test]
-async fn clients_outside_allowed_clients_get_a_403_and_nothing_is_forwarded() {
+async fn clients_outside_allowed_clients_are_closed_at_accept_and_nothing_is_forwarded() {
     let fake = FakeCriteo::start().await;
     let proxy = TestProxy::builder(&fake)
         .server("allowed_clients = [\"192.0.2.0/24\", \"::1/128\"]")
         .start()
         .await;
     proxy.wait_ready().await;
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 403);
-    assert_eq!(resp.headers()["x-criteo-proxy-error"], "client_not_allowed");
+    // Closed before any HTTP: no answer at all (it used to be a 403).
+    let resp = client().get(format!("{}/x", proxy.url)).send().await;
+    assert!(resp.is_err(), "{resp:?}");
     assert!(fake.seen().is_empty());
+    assert!(proxy.metrics().await.contains(
+        "criteo_proxy_connections_refused_total{listener=\"proxy\",reason=\"allowed_clients\"} 1"
+    ));
 
     let fake = FakeCriteo::start().await;
     let proxy = TestProxy::builder(&fake)
@@ -857,4 +856,236 @@ async fn upstream_connections_are_reused_and_one_criteo_closes_is_replaced() {
     assert_eq!(before.len(), 1, "eleven requests, one upstream connection");
     assert_eq!(after.len(), 1, "after the close, one new connection");
     assert!(before.is_disjoint(&after));
+}
+
+#[tokio::test]
+async fn a_401_whose_body_stalls_is_replayed_once_upstream_timeout_is_over() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .upstream("timeout = \"500ms\"")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    fake.stall_401_bodies();
+    fake.revoke_all_tokens();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client()
+            .post(format!("{}/x", proxy.url))
+            .body("kept for the replay")
+            .send(),
+    )
+    .await
+    .expect("answered: the stalled 401 body does not hold the request")
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(json(resp).await["body"], "kept for the replay");
+    let seen = fake.seen_path("/x");
+    assert_eq!(seen.len(), 2, "one attempt, one replay");
+    assert_eq!(seen[0].status, 401);
+}
+
+#[tokio::test]
+async fn a_401_to_a_streamed_request_retires_the_token() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .server("max_replay_body = \"1KiB\"")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    fake.revoke_all_tokens();
+    let resp = client()
+        .post(format!("{}/upload", proxy.url))
+        .body(vec![b'z'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "streamed: not replayed");
+    // The refused token is dropped at once, so the next request starts
+    // with a fresh one instead of meeting the same 401.
+    fake.wait_token_requests(2, Duration::from_secs(5)).await;
+    proxy.wait_ready().await;
+    let resp = client()
+        .get(format!("{}/next", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = fake.seen_path("/next");
+    assert_eq!(seen.len(), 1, "no 401 on the way: {seen:?}");
+}
+
+#[tokio::test]
+async fn upstream_timeout_starts_when_the_request_body_has_been_sent() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .server("max_replay_body = \"1KiB\"")
+        .upstream("timeout = \"500ms\"")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    // A streamed upload that takes longer than upstream.timeout: the
+    // pauses are the stimulus (a slow client), not synchronisation.
+    let mut s = support::raw::send(
+        &proxy.url,
+        b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 3000\r\n\r\n",
+    )
+    .await;
+    for part in [1500, 1000, 500] {
+        s.write_all(&vec![b'u'; part]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let head = support::raw::read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let seen = fake.seen_path("/upload");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body.len(), 3000);
+}
+
+#[tokio::test]
+async fn connect_and_options_asterisk_are_answered_locally() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::ready(&fake).await;
+    let mut s = support::raw::send(
+        &proxy.url,
+        b"CONNECT api.criteo.com:443 HTTP/1.1\r\nhost: api.criteo.com:443\r\n\r\n",
+    )
+    .await;
+    let head = support::raw::read_head(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 405"), "{head}");
+    assert!(
+        head.contains("x-criteo-proxy-error: method_not_allowed"),
+        "{head}"
+    );
+    let mut s = support::raw::send(&proxy.url, b"OPTIONS * HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let head = support::raw::read_head(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("allow: get,"), "{head}");
+    assert!(fake.seen().is_empty(), "never forwarded: {:?}", fake.seen());
+}
+
+#[tokio::test]
+async fn an_upstream_proxy_error_header_is_removed() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::ready(&fake).await;
+    let resp = client()
+        .get(format!("{}/x?proxy_error=1", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-fake-criteo"], "echo");
+    assert!(
+        resp.headers().get("x-criteo-proxy-error").is_none(),
+        "a Criteo answer never looks like a proxy error"
+    );
+}
+
+#[tokio::test]
+async fn retry_after_is_at_most_thirty_seconds_after_rejected_credentials() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .without_main()
+        .server("default_tenant = \"bad\"")
+        .tenant(
+            "bad",
+            "grant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret = \"wrong\"",
+        )
+        .start()
+        .await;
+    fake.wait_token_requests(1, Duration::from_secs(10)).await;
+    let resp = client()
+        .get(format!("{}/x", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=30).contains(&retry_after),
+        "Retry-After: {retry_after}"
+    );
+}
+
+#[tokio::test]
+async fn past_the_replay_budget_a_body_streams_and_is_not_replayed() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .server("max_replay_body = \"64KiB\"")
+        .server("replay_budget = \"64KiB\"")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    let body = vec![b'b'; 40 * 1024];
+    // One body kept while its answer is held…
+    let held = {
+        let url = format!("{}/hold", proxy.url);
+        let body = body.clone();
+        tokio::spawn(async move { client().post(url).body(body).send().await.unwrap().status() })
+    };
+    fake.wait_api_arrivals(1, Duration::from_secs(5)).await;
+    // …leaves no room for a second: it streams, so its 401 comes back
+    // as Criteo sent it instead of being replayed.
+    let resp = client()
+        .post(format!("{}/always-401", proxy.url))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(fake.seen_path("/always-401").len(), 1, "not replayed");
+
+    fake.release();
+    assert_eq!(held.await.unwrap(), 200);
+    // The budget came back with the first request's end.
+    proxy.wait_ready().await;
+    let resp = client()
+        .post(format!("{}/always-401", proxy.url))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(fake.seen_path("/always-401").len(), 3, "kept, so replayed");
+}
+
+#[tokio::test]
+async fn over_upstream_max_connections_a_request_waits_then_gets_a_503() {
+    let fake = FakeCriteo::start().await;
+    let proxy = TestProxy::builder(&fake)
+        .server("workers = 1")
+        .upstream("max_connections = 1")
+        .upstream("connect_timeout = \"300ms\"")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    let held = {
+        let url = format!("{}/hold", proxy.url);
+        tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
+    };
+    fake.wait_api_arrivals(1, Duration::from_secs(5)).await;
+    let resp = client()
+        .get(format!("{}/x", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-criteo-proxy-error"], "upstream_busy");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(json(resp).await["error"], "upstream_busy");
+    assert!(fake.seen_path("/x").is_empty(), "nothing forwarded");
+
+    fake.release();
+    assert_eq!(held.await.unwrap(), 200);
+    let resp = client()
+        .get(format!("{}/x", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the slot came back");
 }

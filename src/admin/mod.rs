@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
@@ -37,6 +37,8 @@ pub struct Admin {
     onboarding: Onboarding,
     access: access::Access,
     shutting_down: AtomicBool,
+    /// Bound on reading a callback's body (`server.body_read_timeout`).
+    body_read_timeout: Duration,
 }
 
 impl Admin {
@@ -54,7 +56,15 @@ impl Admin {
             onboarding,
             access: access::Access::new(admin_token),
             shutting_down: AtomicBool::new(false),
+            body_read_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// A client that stops sending a callback's body is answered 408
+    /// after this long, instead of holding its connection.
+    pub fn with_body_read_timeout(mut self, timeout: Duration) -> Self {
+        self.body_read_timeout = timeout;
+        self
     }
 
     /// From now on `/readyz` answers 503.
@@ -89,14 +99,16 @@ impl Admin {
                     .get(onboarding::SIGNATURE_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                match Limited::new(req.into_body(), MAX_CALLBACK_BODY)
-                    .collect()
-                    .await
-                {
-                    Ok(body) => self
+                let body = Limited::new(req.into_body(), MAX_CALLBACK_BODY).collect();
+                match tokio::time::timeout(self.body_read_timeout, body).await {
+                    Ok(Ok(body)) => self
                         .onboarding
                         .consent_callback(signature.as_deref(), &body.to_bytes()),
                     Err(_) => json_response(
+                        StatusCode::REQUEST_TIMEOUT,
+                        &json!({"error": "body_timeout", "message": "the callback body was not sent in time (server.body_read_timeout)"}),
+                    ),
+                    Ok(Err(_)) => json_response(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         &json!({"error": "body_too_large", "message": "consent callbacks are small"}),
                     ),

@@ -54,6 +54,10 @@ fn raw(c: &Config) -> RawConfig {
             max_connections: s.max_connections,
             max_header_bytes: bytesize::ByteSize::b(s.max_header_bytes as u64),
             header_read_timeout: s.header_read_timeout,
+            idle_timeout: s.idle_timeout,
+            body_read_timeout: s.body_read_timeout,
+            admin_max_connections: s.admin_max_connections,
+            replay_budget: bytesize::ByteSize::b(s.replay_budget as u64),
             admin_token,
             admin_token_file,
         },
@@ -63,6 +67,7 @@ fn raw(c: &Config) -> RawConfig {
             consent_url: u.consent_url.to_string(),
             connect_timeout: u.connect_timeout,
             timeout: u.timeout,
+            max_connections: u.max_connections,
             ca_file: u.extra_roots.as_ref().map(|r| r.path.clone()),
         },
         refresh: RawRefresh {

@@ -1,14 +1,22 @@
 //! Request bodies on their way upstream. Small ones (up to
-//! `server.max_replay_body`) are read whole so a 401 can be replayed with
-//! the same bytes; larger ones stream through untouched.
+//! `server.max_replay_body`, while `server.replay_budget` has room) are
+//! read whole so a 401 can be replayed with the same bytes; the others
+//! stream through untouched. Either way a client that stops sending for
+//! `server.body_read_timeout` is given up on, and a streamed body says when
+//! it has been sent (so that `upstream.timeout` starts then, not before).
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::Sleep;
 
 /// The body of a request sent upstream.
 #[derive(Debug)]
@@ -16,10 +24,43 @@ pub enum OutBody {
     /// Complete bytes (cheap to clone for a replay).
     Full(Option<Bytes>),
     /// Streaming: bytes already read, then the rest of the client's body.
-    Stream {
-        prefix: Option<Bytes>,
-        rest: Incoming,
-    },
+    /// Boxed: rare, and much larger than the common case.
+    Stream(Box<Streamed>),
+}
+
+/// A streamed body's state.
+#[derive(Debug)]
+pub struct Streamed {
+    prefix: Option<Bytes>,
+    rest: Incoming,
+    /// `server.body_read_timeout`: the longest wait for the client's next
+    /// bytes while the upstream asks for them.
+    gap: Duration,
+    stall: Pin<Box<Sleep>>,
+    /// Whether `stall` runs: only while waiting for the client.
+    armed: bool,
+    end: Option<oneshot::Sender<End>>,
+}
+
+/// How a streamed body finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Sent to the last byte.
+    Complete,
+    /// The client sent nothing for `server.body_read_timeout`.
+    Stalled(Duration),
+    /// Reading the client's body failed, or the body was dropped before
+    /// its end (the upstream answered or failed first).
+    Broken,
+}
+
+/// Why a request body could not be read or sent.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("reading the request body: {0}")]
+    Read(#[from] hyper::Error),
+    #[error("the request body sent nothing for {0:?}")]
+    Stalled(Duration),
 }
 
 impl OutBody {
@@ -30,21 +71,86 @@ impl OutBody {
             OutBody::Full(Some(bytes))
         }
     }
+
+    /// What is left of the client's body, unsent: a streamed body that
+    /// will not go upstream after all can still be read and dropped.
+    pub fn into_unsent(self) -> Option<Incoming> {
+        match self {
+            OutBody::Full(_) => None,
+            OutBody::Stream(s) => Some(s.rest),
+        }
+    }
+
+    /// `prefix` (already read) then the rest of `rest`, and the receiver
+    /// that learns when it has all been sent (a sender dropped before
+    /// that counts as [`End::Broken`]).
+    fn stream(prefix: Option<Bytes>, rest: Incoming, gap: Duration) -> (Self, BodyEnd) {
+        let (tx, rx) = oneshot::channel();
+        let body = OutBody::Stream(Box::new(Streamed {
+            prefix,
+            rest,
+            gap,
+            stall: Box::pin(tokio::time::sleep(gap)),
+            armed: false,
+            end: Some(tx),
+        }));
+        (body, BodyEnd { rx, seen: None })
+    }
+}
+
+impl Streamed {
+    fn finish(&mut self, how: End) {
+        if let Some(tx) = self.end.take() {
+            let _ = tx.send(how);
+        }
+    }
+
+    fn poll_rest(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match Pin::new(&mut self.rest).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.armed = false;
+                if self.rest.is_end_stream() {
+                    self.finish(End::Complete);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                self.finish(End::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.finish(End::Broken);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Pending => {
+                if !self.armed {
+                    let deadline = tokio::time::Instant::now() + self.gap;
+                    self.stall.as_mut().reset(deadline);
+                    self.armed = true;
+                }
+                if self.stall.as_mut().poll(cx).is_ready() {
+                    self.finish(End::Stalled(self.gap));
+                    return Poll::Ready(Some(Err(BodyError::Stalled(self.gap))));
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 impl Body for OutBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             OutBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            OutBody::Stream { prefix, rest } => match prefix.take() {
+            OutBody::Stream(s) => match s.prefix.take() {
                 Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
-                None => Pin::new(rest).poll_frame(cx),
+                None => s.poll_rest(cx),
             },
         }
     }
@@ -52,16 +158,16 @@ impl Body for OutBody {
     fn is_end_stream(&self) -> bool {
         match self {
             OutBody::Full(b) => b.is_none(),
-            OutBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            OutBody::Stream(s) => s.prefix.is_none() && s.rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             OutBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            OutBody::Stream { prefix, rest } => {
-                let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
-                let h = rest.size_hint();
+            OutBody::Stream(s) => {
+                let extra = s.prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let h = s.rest.size_hint();
                 let mut out = SizeHint::new();
                 out.set_lower(h.lower() + extra);
                 if let Some(u) = h.upper() {
@@ -73,56 +179,235 @@ impl Body for OutBody {
     }
 }
 
+/// Learns when a streamed body has been sent, and how it ended.
+#[derive(Debug)]
+pub struct BodyEnd {
+    rx: oneshot::Receiver<End>,
+    seen: Option<End>,
+}
+
+impl BodyEnd {
+    /// Waits for the body to end (or to be dropped, which ends it too).
+    pub async fn wait(&mut self) -> End {
+        if let Some(e) = self.seen {
+            return e;
+        }
+        let end = (&mut self.rx).await.unwrap_or(End::Broken);
+        self.seen = Some(end);
+        end
+    }
+
+    /// How the body ended, if it has.
+    pub fn ended(&mut self) -> Option<End> {
+        if self.seen.is_none() {
+            self.seen = match self.rx.try_recv() {
+                Ok(e) => Some(e),
+                Err(oneshot::error::TryRecvError::Closed) => Some(End::Broken),
+                Err(oneshot::error::TryRecvError::Empty) => None,
+            };
+        }
+        self.seen
+    }
+}
+
+// === the replay budget ===
+
+/// The bytes that every body kept for a replay may hold together
+/// (`server.replay_budget`), shared by all workers. Taking from it is one
+/// compare-and-swap, giving back one atomic add: no lock, no waiting (a
+/// body that does not fit streams instead, as an oversized one does).
+#[derive(Debug)]
+pub struct ReplayBudget {
+    left: AtomicUsize,
+}
+
+impl ReplayBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            left: AtomicUsize::new(bytes),
+        }
+    }
+
+    /// An empty reservation, given back whole when dropped.
+    pub fn reserve(&self) -> Reservation<'_> {
+        Reservation {
+            budget: self,
+            bytes: 0,
+        }
+    }
+
+    fn take(&self, n: usize) -> bool {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(n)
+            })
+            .is_ok()
+    }
+}
+
+/// Bytes of the budget held by one request until it ends.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    budget: &'a ReplayBudget,
+    bytes: usize,
+}
+
+impl Reservation<'_> {
+    /// Holds `n` more bytes, if the budget has them.
+    fn grow(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let ok = self.budget.take(n);
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.left.fetch_add(self.bytes, Ordering::AcqRel);
+        }
+    }
+}
+
+// === reading ===
+
 /// A client's body, read as far as needed to know whether it can be replayed.
 #[derive(Debug)]
 pub enum Prepared {
     Replayable(Bytes),
-    Streaming(OutBody),
+    Streaming(OutBody, BodyEnd),
 }
 
-/// Reads the body if it fits in `limit`, or starts streaming it.
-pub async fn prepare(mut body: Incoming, limit: usize) -> Result<Prepared, hyper::Error> {
+/// Reads the body if it fits in `limit` and in the budget (held in `kept`
+/// until the caller drops it), or starts streaming it. `gap` bounds every
+/// wait for the client's next bytes.
+pub async fn prepare(
+    mut body: Incoming,
+    limit: usize,
+    kept: &mut Reservation<'_>,
+    gap: Duration,
+) -> Result<Prepared, BodyError> {
     if body.is_end_stream() {
         return Ok(Prepared::Replayable(Bytes::new()));
     }
-    if body.size_hint().exact().is_some_and(|n| n > limit as u64) {
-        return Ok(Prepared::Streaming(OutBody::Stream {
-            prefix: None,
-            rest: body,
-        }));
+    let streaming = |prefix, rest| {
+        let (body, end) = OutBody::stream(prefix, rest, gap);
+        Ok(Prepared::Streaming(body, end))
+    };
+    // With a Content-Length, the budget is taken at once; without, frame
+    // by frame.
+    let exact = body.size_hint().exact();
+    if let Some(n) = exact {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if n > limit || !kept.grow(n) {
+            return streaming(None, body);
+        }
     }
     // Most bodies come in one frame: keep it without copying.
     let mut first: Option<Bytes> = None;
     let mut more: Option<BytesMut> = None;
     let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
+    let mut stall = None;
+    while let Some(frame) = next_frame(&mut body, gap, &mut stall).await? {
         let Ok(data) = frame?.into_data() else {
             continue; // trailers are not forwarded
         };
         total += data.len();
+        let fits = total <= limit && (exact.is_some() || kept.grow(data.len()));
         match (&mut first, &mut more) {
             (None, _) => first = Some(data),
             (Some(f), None) => {
-                let mut buf = BytesMut::with_capacity(f.len() + data.len());
+                let capacity = exact.map_or(f.len() + data.len(), |n| n as usize);
+                let mut buf = BytesMut::with_capacity(capacity);
                 buf.extend_from_slice(f);
                 buf.extend_from_slice(&data);
                 more = Some(buf);
             }
             (Some(_), Some(buf)) => buf.extend_from_slice(&data),
         }
-        if total > limit {
+        if !fits {
             let prefix = match more {
                 Some(buf) => buf.freeze(),
                 None => first.take().unwrap_or_default(),
             };
-            return Ok(Prepared::Streaming(OutBody::Stream {
-                prefix: Some(prefix),
-                rest: body,
-            }));
+            return streaming(Some(prefix), body);
         }
     }
     Ok(Prepared::Replayable(match more {
         Some(buf) => buf.freeze(),
         None => first.unwrap_or_default(),
     }))
+}
+
+/// The body's next frame, waiting at most `gap` for it. A frame already
+/// there is taken without starting a timer; `stall` is the body's one
+/// timer, made the first time it is needed.
+async fn next_frame(
+    body: &mut Incoming,
+    gap: Duration,
+    stall: &mut Option<Pin<Box<Sleep>>>,
+) -> Result<Option<Result<Frame<Bytes>, hyper::Error>>, BodyError> {
+    let mut next = body.frame();
+    let now = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut next).poll(cx))).await;
+    if let Poll::Ready(frame) = now {
+        return Ok(frame);
+    }
+    let deadline = tokio::time::Instant::now() + gap;
+    let stall = match stall {
+        Some(s) => {
+            s.as_mut().reset(deadline);
+            s
+        }
+        None => stall.insert(Box::pin(tokio::time::sleep_until(deadline))),
+    };
+    tokio::select! {
+        frame = next => Ok(frame),
+        () = stall.as_mut() => Err(BodyError::Stalled(gap)),
+    }
+}
+
+/// Reads and drops what is left of a client's body, at most `limit` bytes
+/// and `within` in all. True when the body was read to its end.
+pub(super) async fn drain(body: &mut Incoming, limit: usize, within: Duration) -> bool {
+    let read = async {
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    total += f.data_ref().map_or(0, Bytes::len);
+                    if total > limit {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    };
+    tokio::time::timeout(within, read).await.unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_given_back_when_a_reservation_ends() {
+        let budget = ReplayBudget::new(100);
+        {
+            let mut a = budget.reserve();
+            assert!(a.grow(60));
+            let mut b = budget.reserve();
+            assert!(!b.grow(60), "over the budget");
+            assert!(b.grow(40));
+            assert!(!a.grow(1));
+        }
+        let mut c = budget.reserve();
+        assert!(c.grow(100), "everything came back");
+    }
 }

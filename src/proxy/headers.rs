@@ -1,6 +1,7 @@
 //! Header hygiene. Nothing the client meant for the proxy, nor any
 //! connection-level header, crosses to the other side.
 
+use crate::error::PROXY_ERROR_HEADER;
 use http::header::{
     AUTHORIZATION, CONNECTION, EXPECT, HOST, HeaderMap, HeaderName, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
@@ -68,10 +69,12 @@ pub fn sanitize_request(headers: &mut HeaderMap, tenant_header: &HeaderName) {
     });
 }
 
-/// Before a response goes back: only hop-by-hop headers go.
+/// Before a response goes back: hop-by-hop headers go, and so does the
+/// marker of the proxy's own errors, so that an answer from upstream never
+/// passes for one the proxy made.
 pub fn sanitize_response(headers: &mut HeaderMap) {
     remove_connection_listed(headers);
-    remove_where(headers, is_hop_by_hop);
+    remove_where(headers, |n| is_hop_by_hop(n) || n == PROXY_ERROR_HEADER);
 }
 
 #[cfg(test)]
@@ -109,6 +112,19 @@ mod tests {
         sanitize_response(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-c"]);
+    }
+
+    #[test]
+    fn an_upstream_proxy_error_marker_goes() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            PROXY_ERROR_HEADER,
+            HeaderValue::from_static("upstream_timeout"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        sanitize_response(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use tracing::Level;
 
-use super::{ACCESS_LOG, Proxy, ResponseBody, access_log};
+use super::{ACCESS_LOG, Failed, Proxy, ResponseBody, access_log};
 use crate::error::{ProxyError, json_response};
 use crate::tenant::{Tenant, Tenants};
 
@@ -209,16 +209,23 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let method = req.method().clone();
         let uri = req.uri().clone();
+        let version = req.version();
         let answer = match route {
-            Route::OAuth => Err(ProxyError::NotForwarded(format!(
-                "{} is one of Criteo's OAuth endpoints, which the proxy never forwards: it holds \
-                 the tokens itself (its POST /oauth2/token hands out placeholders)",
-                uri.path()
-            ))),
-            Route::TokenEndpoint if method != Method::POST => Err(ProxyError::MethodNotAllowed {
-                allow: "POST",
-                message: "the proxy's token endpoint /oauth2/token answers POST only".into(),
-            }),
+            Route::OAuth => Err(Failed::unread(
+                ProxyError::NotForwarded(format!(
+                    "{} is one of Criteo's OAuth endpoints, which the proxy never forwards: it \
+                     holds the tokens itself (its POST /oauth2/token hands out placeholders)",
+                    uri.path()
+                )),
+                req.into_body(),
+            )),
+            Route::TokenEndpoint if method != Method::POST => Err(Failed::unread(
+                ProxyError::MethodNotAllowed {
+                    allow: "POST",
+                    message: "the proxy's token endpoint /oauth2/token answers POST only".into(),
+                },
+                req.into_body(),
+            )),
             Route::TokenEndpoint => self.token_endpoint(req).await,
         };
         match answer {
@@ -231,10 +238,13 @@ impl Proxy {
                 }
                 resp
             }
-            Err(err) => {
+            Err(Failed { err, left }) => {
                 self.metrics.unknown_tenant(err.status());
                 tracing::debug!(path = uri.path(), error = %err, "local answer refused");
-                err.to_response(None).map(Either::Right)
+                // Like every early answer: the client's body is read (or the
+                // connection closed cleanly) so its next request still works.
+                self.settle(err.to_response(None).map(Either::Right), version, left)
+                    .await
             }
         }
     }
@@ -245,23 +255,23 @@ impl Proxy {
     async fn token_endpoint(
         &self,
         req: Request<Incoming>,
-    ) -> Result<(Arc<Tenant>, Response<http_body_util::Full<bytes::Bytes>>), ProxyError> {
+    ) -> Result<(Arc<Tenant>, Response<http_body_util::Full<bytes::Bytes>>), Failed> {
         let (parts, body) = req.into_parts();
         let body = match tokio::time::timeout(FORM_TIMEOUT, Limited::new(body, MAX_FORM).collect())
             .await
         {
             Ok(Ok(collected)) => collected.to_bytes(),
             Ok(Err(e)) => {
-                return Err(ProxyError::BadRequest(format!(
+                return Err(Failed::lost(ProxyError::BadRequest(format!(
                     "the token request's body could not be read (at most {} KiB): {e}",
                     MAX_FORM / 1024
-                )));
+                ))));
             }
             Err(_) => {
-                return Err(ProxyError::BadRequest(format!(
+                return Err(Failed::lost(ProxyError::BadRequest(format!(
                     "the token request's body did not arrive within {}s",
                     FORM_TIMEOUT.as_secs()
-                )));
+                ))));
             }
         };
         let form = TokenForm::parse(&body);
@@ -276,9 +286,10 @@ impl Proxy {
                     "tenant {name:?} is not configured (header {})",
                     self.tenant_header
                 ))
-            })?,
-            None => self.tenant_for_form(&tenants, &form)?,
-        };
+            }),
+            None => self.tenant_for_form(&tenants, &form),
+        }
+        .map_err(Failed::read)?;
         tracing::debug!(
             tenant = &*tenant.name,
             grant_type = form.grant_type.as_deref().unwrap_or(""),

@@ -1,5 +1,7 @@
-//! The request path: choose the tenant, clean the headers, inject the
-//! token, forward, and replay once with a fresh token on a 401.
+//! The request path: answer locally what is not for Criteo, choose the
+//! tenant, clean the headers, inject the token, forward, and replay once
+//! with a fresh token on a 401. An error answered before the client's body
+//! has been read leaves its connection usable ([`Proxy::settle`]).
 
 mod body;
 pub mod headers;
@@ -8,25 +10,28 @@ mod local;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{AUTHORIZATION, CONNECTION};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tracing::Level;
 
-pub use body::{OutBody, Prepared, prepare};
+pub use body::{BodyEnd, BodyError, End, OutBody, Prepared, ReplayBudget, prepare};
 pub use local::{PLACEHOLDER_PREFIX, placeholder};
 
 use crate::config::Config;
-use crate::error::ProxyError;
+use crate::error::{self, ProxyError};
 use crate::metrics::Metrics;
 use crate::tenant::{Tenant, Tenants};
 use crate::token::{State, Unavailable};
-use crate::upstream::{Upstream, UpstreamBody};
+use crate::upstream::{Slot, Upstream, UpstreamBody};
 
 /// What the proxy listener answers: Criteo's streamed body, or the
 /// proxy's own small JSON.
@@ -35,6 +40,19 @@ pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 /// How much of a 401's body is read (and dropped) before the replay, so
 /// that the pooled connection can be reused.
 const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// An error answered before the client's body was read: this much of the
+/// body is first read and dropped, so that the HTTP/1.1 connection stays
+/// usable for the client's next request…
+const UNREAD_DRAIN_LIMIT: usize = 1024 * 1024;
+const UNREAD_DRAIN_TIME: Duration = Duration::from_secs(1);
+/// …past that, the answer says `Connection: close`, and the rest is still
+/// read and dropped for this long (at most this much), so that the close,
+/// which comes once the body has ended, does not reset the connection
+/// under the answer (a close with unread data sends a TCP RST, and the
+/// client loses what it had not read yet).
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_LIMIT: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Proxy {
@@ -45,6 +63,60 @@ pub struct Proxy {
     tenant_header: HeaderName,
     max_replay_body: usize,
     wait_timeout: Duration,
+    body_read_timeout: Duration,
+    /// Shared by every worker.
+    replay_budget: Arc<ReplayBudget>,
+}
+
+/// What is left of the client's body when the proxy answers an error.
+#[derive(Debug)]
+enum Leftover {
+    /// Read to its end, or there was none.
+    Nothing,
+    /// Not read at all.
+    Unread(Incoming),
+    /// Partly read, then given up: the connection cannot be reused.
+    Lost,
+}
+
+/// What a replay sends again.
+#[derive(Debug)]
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    bytes: Bytes,
+    generation: u64,
+}
+
+/// An error to answer, and what is left of the body.
+#[derive(Debug)]
+struct Failed {
+    err: ProxyError,
+    left: Leftover,
+}
+
+impl Failed {
+    fn unread(err: ProxyError, body: Incoming) -> Self {
+        Self {
+            err,
+            left: Leftover::Unread(body),
+        }
+    }
+
+    fn read(err: ProxyError) -> Self {
+        Self {
+            err,
+            left: Leftover::Nothing,
+        }
+    }
+
+    fn lost(err: ProxyError) -> Self {
+        Self {
+            err,
+            left: Leftover::Lost,
+        }
+    }
 }
 
 impl Proxy {
@@ -61,6 +133,8 @@ impl Proxy {
             tenant_header: config.server.tenant_header.clone(),
             max_replay_body: config.server.max_replay_body,
             wait_timeout: config.refresh.wait_timeout,
+            body_read_timeout: config.server.body_read_timeout,
+            replay_budget: Arc::new(ReplayBudget::new(config.server.replay_budget)),
         }
     }
 
@@ -75,6 +149,11 @@ impl Proxy {
     /// Answers one client request. Never fails: errors become JSON answers.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
+        if req.method() == Method::CONNECT
+            || (req.method() == Method::OPTIONS && req.uri().path() == "*")
+        {
+            return self.locally(req).await;
+        }
         if let Some(route) = local::route(req.uri().path()) {
             return self.answer_locally(route, req, started).await;
         }
@@ -111,7 +190,13 @@ impl Proxy {
             });
             self.metrics.unknown_tenant(err.status());
             tracing::debug!(tenant = requested, error = %err, "request refused");
-            return err.to_response(requested).map(Either::Right);
+            let resp = err.to_response(requested).map(Either::Right);
+            let version = req.version();
+            // Boxed, as every rare branch here: the request's future is
+            // allocated per HTTP/2 stream, and a branch's size counts
+            // whether it runs or not.
+            let left = Leftover::Unread(req.into_body());
+            return Box::pin(self.settle(resp, version, left)).await;
         };
         // The access log line costs a URI refcount and two clock reads; it
         // is skipped when its target is filtered out.
@@ -119,11 +204,13 @@ impl Proxy {
             .then(|| (req.method().clone(), req.uri().clone()));
         let mut upstream_time = access.as_ref().map(|_| Duration::ZERO);
         let tenant = &*tenant;
+        let version = req.version();
         let resp = match self.forward(tenant, req, &mut upstream_time).await {
             Ok(resp) => resp,
-            Err(err) => {
+            Err(Failed { err, left }) => {
                 tracing::debug!(tenant = &*tenant.name, error = %err, "request failed");
-                err.to_response(Some(&tenant.name)).map(Either::Right)
+                let resp = err.to_response(Some(&tenant.name)).map(Either::Right);
+                Box::pin(self.settle(resp, version, left)).await
             }
         };
         let elapsed = started.elapsed();
@@ -134,10 +221,49 @@ impl Proxy {
         resp
     }
 
-    /// The answer to a client that may not use the proxy at all.
-    pub fn refuse(&self, err: &ProxyError) -> Response<ResponseBody> {
-        self.metrics.unknown_tenant(err.status());
-        err.to_response(None).map(Either::Right)
+    /// `CONNECT` (a tunnel) and `OPTIONS *` (a question about the proxy
+    /// itself) name nothing to forward: answered here, never with a token.
+    #[cold]
+    async fn locally(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+        let resp = if req.method() == Method::CONNECT {
+            ProxyError::MethodNotAllowed {
+                allow: error::FORWARDED_METHODS,
+                message: "CONNECT is not forwarded by this proxy".into(),
+            }
+            .to_response(None)
+        } else {
+            error::options_asterisk()
+        };
+        self.metrics.unknown_tenant(resp.status());
+        let version = req.version();
+        let left = Leftover::Unread(req.into_body());
+        self.settle(resp.map(Either::Right), version, left).await
+    }
+
+    /// Makes an answer to a request whose body was not read to its end
+    /// safe for the client's connection: a small body is read and dropped
+    /// first. Past that, HTTP/2 ends the request's stream on its own
+    /// (RST_STREAM with NO_ERROR, which some clients mishandle, hence the
+    /// reading first); HTTP/1.1 gets `Connection: close`, and the body is
+    /// still read for a while, in the background, so that the close comes
+    /// cleanly after it.
+    async fn settle(
+        &self,
+        mut resp: Response<ResponseBody>,
+        version: Version,
+        left: Leftover,
+    ) -> Response<ResponseBody> {
+        let h2 = version == Version::HTTP_2;
+        let close = match left {
+            Leftover::Nothing => false,
+            Leftover::Lost => !h2,
+            Leftover::Unread(body) => !drain_unread(body, h2).await && !h2,
+        };
+        if close {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 
     async fn forward(
@@ -145,38 +271,58 @@ impl Proxy {
         tenant: &Tenant,
         req: Request<Incoming>,
         upstream_time: &mut Option<Duration>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, Failed> {
         let (mut parts, body) = req.into_parts();
         headers::sanitize_request(&mut parts.headers, &self.tenant_header);
-        let uri = self
-            .upstream
-            .uri_for(parts.uri.path_and_query())
-            .map_err(|e| ProxyError::BadRequest(format!("request target: {e}")))?;
+        let uri = match self.upstream.uri_for(parts.uri.path_and_query()) {
+            Ok(uri) => uri,
+            Err(e) => {
+                let err = ProxyError::BadRequest(format!("request target: {e}"));
+                return Err(Failed::unread(err, body));
+            }
+        };
 
         // No token, no forwarding: get it before reading the body.
         let generation = match tenant.tokens.inject(&mut parts.headers) {
             Some(generation) => generation,
-            None => {
-                let token = tenant
-                    .tokens
-                    .wait_usable(0, self.wait_timeout)
-                    .await
-                    .map_err(|u| unavailable(tenant, u))?;
-                parts.headers.insert(AUTHORIZATION, token.header().clone());
-                token.generation()
+            None => match tenant.tokens.wait_usable(0, self.wait_timeout).await {
+                Ok(token) => {
+                    parts.headers.insert(AUTHORIZATION, token.header().clone());
+                    token.generation()
+                }
+                Err(u) => return Err(Failed::unread(unavailable(tenant, u), body)),
+            },
+        };
+        // The replay budget this request holds, given back when it ends.
+        let mut kept = self.replay_budget.reserve();
+        let gap = self.body_read_timeout;
+        let prepared = prepare(body, self.max_replay_body, &mut kept, gap)
+            .await
+            .map_err(|e| Failed {
+                err: body_error(e),
+                left: Leftover::Lost,
+            })?;
+        // A place on an upstream connection once the body is in hand (a
+        // slow client holds none while it sends a body that is kept); a
+        // busy answer leaves the rest of a streamed body to be drained.
+        let slot = match self.upstream.acquire().await {
+            Ok(slot) => slot,
+            Err(busy) => {
+                let left = match prepared {
+                    Prepared::Replayable(_) => Leftover::Nothing,
+                    Prepared::Streaming(body, _) => {
+                        body.into_unsent().map_or(Leftover::Lost, Leftover::Unread)
+                    }
+                };
+                let err = ProxyError::UpstreamBusy(busy.0);
+                return Err(Failed { err, left });
             }
         };
-
-        let body = prepare(body, self.max_replay_body)
-            .await
-            .map_err(|e| ProxyError::BadRequest(format!("reading the body: {e}")))?;
-        let bytes = match body {
-            Prepared::Streaming(body) => {
+        let bytes = match prepared {
+            Prepared::Streaming(body, end) => {
                 let req = outgoing(parts.method, uri, parts.headers, body);
-                return Ok(self
-                    .send(tenant, req, upstream_time)
-                    .await?
-                    .map(Either::Left));
+                let sent = self.send_streamed(tenant, slot, req, end, generation, upstream_time);
+                return Box::pin(sent).await;
             }
             Prepared::Replayable(bytes) => bytes,
         };
@@ -187,14 +333,43 @@ impl Proxy {
             parts.headers.clone(),
             OutBody::full(bytes.clone()),
         );
-        let resp = self.send(tenant, first, upstream_time).await?;
+        let resp = self
+            .send(tenant, slot, first, None, upstream_time)
+            .await
+            .map_err(Failed::read)?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp.map(Either::Left));
         }
+        let again = Replay {
+            method: parts.method,
+            uri,
+            headers: parts.headers,
+            bytes,
+            generation,
+        };
+        Box::pin(self.replay(tenant, resp, again, upstream_time)).await
+    }
 
-        // The token was refused: drop it (if nobody has yet), get a newer
-        // one through the refresher, and try exactly once more.
-        let _ = Limited::new(resp.into_body(), DRAIN_LIMIT).collect().await;
+    /// The token was refused: drop it (if nobody has yet), get a newer
+    /// one through the refresher, and try exactly once more. The 401's
+    /// body is read (so its connection can be reused) only as long as the
+    /// upstream would be waited for anyway.
+    async fn replay(
+        &self,
+        tenant: &Tenant,
+        resp: Response<UpstreamBody>,
+        again: Replay,
+        upstream_time: &mut Option<Duration>,
+    ) -> Result<Response<ResponseBody>, Failed> {
+        let Replay {
+            method,
+            uri,
+            mut headers,
+            bytes,
+            generation,
+        } = again;
+        let drain = Limited::new(resp.into_body(), DRAIN_LIMIT).collect();
+        let _ = tokio::time::timeout(self.upstream.timeout(), drain).await;
         tenant.tokens.retire(generation);
         tenant.metrics.retry();
         tracing::info!(
@@ -206,13 +381,59 @@ impl Proxy {
             .tokens
             .wait_usable(generation, self.wait_timeout)
             .await
-            .map_err(|u| unavailable(tenant, u))?;
-        parts.headers.insert(AUTHORIZATION, fresh.header().clone());
-        let second = outgoing(parts.method, uri, parts.headers, OutBody::full(bytes));
+            .map_err(|u| Failed::read(unavailable(tenant, u)))?;
+        headers.insert(AUTHORIZATION, fresh.header().clone());
+        let slot = self
+            .upstream
+            .acquire()
+            .await
+            .map_err(|busy| Failed::read(ProxyError::UpstreamBusy(busy.0)))?;
+        let second = outgoing(method, uri, headers, OutBody::full(bytes));
         Ok(self
-            .send(tenant, second, upstream_time)
-            .await?
+            .send(tenant, slot, second, None, upstream_time)
+            .await
+            .map_err(Failed::read)?
             .map(Either::Left))
+    }
+
+    /// A streamed body cannot be replayed; a 401 still retires the token,
+    /// so that the next request gets a fresh one.
+    async fn send_streamed(
+        &self,
+        tenant: &Tenant,
+        slot: Slot,
+        req: Request<OutBody>,
+        mut end: BodyEnd,
+        generation: u64,
+        upstream_time: &mut Option<Duration>,
+    ) -> Result<Response<ResponseBody>, Failed> {
+        match self
+            .send(tenant, slot, req, Some(&mut end), upstream_time)
+            .await
+        {
+            Ok(resp) => {
+                if resp.status() == StatusCode::UNAUTHORIZED {
+                    tenant.tokens.retire(generation);
+                    tracing::info!(
+                        tenant = &*tenant.name,
+                        generation,
+                        "upstream answered 401 to a streamed request (not replayable); token retired"
+                    );
+                }
+                Ok(resp.map(Either::Left))
+            }
+            Err(err) => Err(match end.ended() {
+                Some(End::Complete) => Failed::read(err),
+                Some(End::Stalled(gap)) => Failed {
+                    err: ProxyError::BodyTimeout(gap),
+                    left: Leftover::Lost,
+                },
+                _ => Failed {
+                    err,
+                    left: Leftover::Lost,
+                },
+            }),
+        }
     }
 
     /// A 403 is not cured by a new token (an administrator may have revoked
@@ -227,22 +448,33 @@ impl Proxy {
         }
     }
 
+    /// Sends `req` and waits for the response headers at most
+    /// `upstream.timeout` from the end of the request body: at once for a
+    /// complete body, once `end` says so for a streamed one (an upload
+    /// takes as long as the client takes, each gap bounded by
+    /// `server.body_read_timeout`).
     async fn send(
         &self,
         tenant: &Tenant,
+        slot: Slot,
         req: Request<OutBody>,
+        end: Option<&mut BodyEnd>,
         upstream_time: &mut Option<Duration>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let timeout = self.upstream.timeout();
         let sent = upstream_time.map(|_| Instant::now());
-        let answer = tokio::time::timeout(timeout, self.upstream.send(req)).await;
+        let sending = self.upstream.send(slot, req);
+        let answer = match end {
+            None => tokio::time::timeout(timeout, sending).await.ok(),
+            Some(end) => Box::pin(after_body(sending, end, timeout)).await,
+        };
         if let (Some(total), Some(sent)) = (upstream_time.as_mut(), sent) {
             *total += sent.elapsed();
         }
         match answer {
-            Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
-            Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
-            Ok(Ok(mut resp)) => {
+            None => Err(ProxyError::UpstreamTimeout(timeout)),
+            Some(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
+            Some(Ok(mut resp)) => {
                 headers::sanitize_response(resp.headers_mut());
                 if resp.status() == StatusCode::FORBIDDEN {
                     self.forbidden(tenant);
@@ -250,6 +482,55 @@ impl Proxy {
                 Ok(resp)
             }
         }
+    }
+}
+
+/// `sending`'s output, waited for as long as the body is being sent, then
+/// at most `timeout`; `None` once that is over.
+async fn after_body<F: Future>(
+    sending: F,
+    end: &mut BodyEnd,
+    timeout: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(sending);
+    tokio::select! {
+        biased;
+        out = &mut sending => return Some(out),
+        _ = end.wait() => {}
+    }
+    tokio::time::timeout(timeout, sending).await.ok()
+}
+
+/// Reads and drops a body the answer did not need, so that the connection
+/// stays usable. A small one is read now; when more is coming (or it takes
+/// too long) it returns false, and on HTTP/1.1, whose answer then closes
+/// the connection, a task goes on reading and dropping the body for a
+/// while so that the close comes cleanly after it.
+async fn drain_unread(mut body: Incoming, h2: bool) -> bool {
+    use http_body::Body as _;
+    if body.is_end_stream() {
+        return true;
+    }
+    let small = body
+        .size_hint()
+        .exact()
+        .is_none_or(|n| n <= UNREAD_DRAIN_LIMIT as u64);
+    if small && body::drain(&mut body, UNREAD_DRAIN_LIMIT, UNREAD_DRAIN_TIME).await {
+        return true;
+    }
+    if h2 {
+        return false;
+    }
+    tokio::spawn(async move {
+        body::drain(&mut body, LINGER_LIMIT, LINGER_TIME).await;
+    });
+    false
+}
+
+fn body_error(e: BodyError) -> ProxyError {
+    match e {
+        BodyError::Stalled(gap) => ProxyError::BodyTimeout(gap),
+        BodyError::Read(e) => ProxyError::BadRequest(format!("reading the body: {e}")),
     }
 }
 
@@ -327,4 +608,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<'a, Fut: Future>(_: impl Fn(&'a Proxy, Request<Incoming>) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn a_request_future_is_small() {
+        // Allocated once per HTTP/2 stream, so its size is memory per
+        // request in progress; rare branches are boxed to keep it down
+        // (3,184 bytes before they grew, 3,152 after, in a debug build).
+        let size = future_size(Proxy::handle);
+        assert!(size <= 4096, "the request future is {size} bytes");
+    }
 }

@@ -9,17 +9,17 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::admin::{Admin, Onboarding};
 use crate::config::{Config, Grant, UpstreamConfig};
-use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::oauth::TokenEndpoint;
 use crate::proxy::Proxy;
@@ -28,10 +28,12 @@ use crate::tenant::Tenants;
 
 use crate::upstream::{Upstream, UpstreamError};
 
+mod conn;
 mod refreshers;
 mod reload;
 mod worker;
 
+use conn::{Conn, Drain, Open, Refusals, Tracked};
 use refreshers::Refreshers;
 use reload::Reloader;
 
@@ -135,20 +137,25 @@ impl App {
             config.refresh.at_fraction,
             metrics.clone(),
         );
-        let admin = Arc::new(Admin::new(
-            Arc::clone(&tenants),
-            metrics.clone(),
-            onboarding,
-            config.server.admin_token.clone(),
-        ));
+        let admin = Arc::new(
+            Admin::new(
+                Arc::clone(&tenants),
+                metrics.clone(),
+                onboarding,
+                config.server.admin_token.clone(),
+            )
+            .with_body_read_timeout(config.server.body_read_timeout),
+        );
         Ok(Self {
             proxy,
             upstream: config.upstream.clone(),
             workers: config.server.workers.unwrap_or_else(worker::default_count),
             limits: worker::Limits {
                 max_connections: config.server.max_connections,
+                admin_max_connections: config.server.admin_max_connections,
                 max_header_bytes: config.server.max_header_bytes,
                 header_read_timeout: config.server.header_read_timeout,
+                idle_timeout: config.server.idle_timeout,
             },
             admin,
             tenants,
@@ -213,24 +220,44 @@ impl App {
                 return;
             }
         };
-        let graceful = GracefulShutdown::new();
+        let admin_drain = Drain::new();
         let builder = worker::http_builder(&self.limits);
-        let connections = Arc::new(tokio::sync::Semaphore::new(self.limits.max_connections));
-        let serve_admin = |stream: tokio::net::TcpStream, peer: SocketAddr| {
-            let admin = Arc::clone(&self.admin);
-            let svc = service_fn(move |req| {
-                let admin = Arc::clone(&admin);
-                async move { Ok::<_, Infallible>(admin.handle(req, peer).await) }
-            });
-            let conn = builder
+        let timeouts = self.limits.timeouts();
+        let connections = Arc::new(Semaphore::new(self.limits.max_connections));
+        let admin_connections = Arc::new(Semaphore::new(self.limits.admin_max_connections));
+        let mut refused = Refused::new(self.metrics.clone());
+        let serve_admin = |stream: tokio::net::TcpStream,
+                           peer: SocketAddr,
+                           permit: OwnedSemaphorePermit| {
+            let state = Conn::new(Arc::clone(&self.admin));
+            let svc = {
+                let state = Arc::clone(&state);
+                service_fn(move |req| {
+                    let open = Open::begin(&state);
+                    async move {
+                        let resp = open.app().handle(req, peer).await;
+                        Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, open)))
+                    }
+                })
+            };
+            let http = builder
                 .serve_connection(TokioIo::new(stream), svc)
                 .into_owned();
-            let conn = graceful.watch(conn);
+            let stop = admin_drain.watcher();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let shutdown = |c: std::pin::Pin<&mut _>| auto::Connection::graceful_shutdown(c);
+                let served = conn::drive(http, shutdown, &state, timeouts, stop, permit);
+                if let Err(e) = served.await {
                     tracing::debug!(error = %e, "admin connection ended with an error");
                 }
             });
+        };
+        // An admin connection over the cap is closed at once.
+        let admit = |stream, peer, refused: &mut Refused| match Arc::clone(&admin_connections)
+            .try_acquire_owned()
+        {
+            Ok(permit) => serve_admin(stream, peer, permit),
+            Err(_) => refused.count(Refusal::AdminFull, peer),
         };
 
         let Listeners {
@@ -242,16 +269,21 @@ impl App {
             tokio::select! {
                 accepted = proxy_listener.accept() => {
                     let Some((stream, peer)) = accepted_or_pause(accepted).await else { continue };
-                    // Over the connection limit, a connection is closed at once.
+                    // A client outside the allow-list, or over the
+                    // connection limit, is closed at once, before any HTTP.
+                    if !allowed(self.allowed_clients.as_deref(), peer) {
+                        refused.count(Refusal::NotAllowed, peer);
+                        continue;
+                    }
                     let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-                        tracing::warn!(limit = self.limits.max_connections, "server.max_connections reached; connection refused");
+                        refused.count(Refusal::ProxyFull, peer);
                         continue;
                     };
-                    workers.dispatch(stream, refuses(self.allowed_clients.as_deref(), peer), permit);
+                    workers.dispatch(stream, permit);
                 }
                 accepted = admin_listener.accept() => {
                     let Some((stream, peer)) = accepted_or_pause(accepted).await else { continue };
-                    serve_admin(stream, peer);
+                    admit(stream, peer, &mut refused);
                 }
                 () = &mut shutdown => break,
                 Some(()) = recv(&mut hangup) => {
@@ -286,14 +318,14 @@ impl App {
                 () = &mut drain => break,
                 accepted = admin_listener.accept() => {
                     if let Some((stream, peer)) = accepted_or_pause(accepted).await {
-                        serve_admin(stream, peer);
+                        admit(stream, peer, &mut refused);
                     }
                 }
             }
         }
         drop(admin_listener);
         tokio::select! {
-            () = graceful.shutdown() => {}
+            () = admin_drain.shutdown() => {}
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         tracing::info!("connections closed");
@@ -309,16 +341,69 @@ impl App {
     }
 }
 
-/// The error a client at `peer` gets if `server.allowed_clients` leaves it
-/// out.
-fn refuses(allowed: Option<&[ipnet::IpNet]>, peer: SocketAddr) -> Option<Arc<ProxyError>> {
-    let nets = allowed?;
+/// Whether `server.allowed_clients` (if set) lets a client at `peer` in.
+fn allowed(nets: Option<&[ipnet::IpNet]>, peer: SocketAddr) -> bool {
     let ip = peer.ip().to_canonical();
-    if nets.iter().any(|n| n.contains(&ip)) {
-        None
-    } else {
-        tracing::warn!(client = %ip, "connection from outside server.allowed_clients refused");
-        Some(Arc::new(ProxyError::ClientNotAllowed(ip)))
+    nets.is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
+}
+
+/// Why a connection was closed at accept.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    NotAllowed,
+    ProxyFull,
+    AdminFull,
+}
+
+impl Refusal {
+    /// The metric's `listener` and `reason` labels.
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Refusal::NotAllowed => ("proxy", "allowed_clients"),
+            Refusal::ProxyFull => ("proxy", "max_connections"),
+            Refusal::AdminFull => ("admin", "max_connections"),
+        }
+    }
+}
+
+/// Counts refused connections in the metrics, and logs them at most once
+/// per period per kind (a flood of connections is not a flood of lines).
+#[derive(Debug)]
+struct Refused {
+    metrics: Metrics,
+    logs: [Refusals; 3],
+}
+
+impl Refused {
+    fn new(metrics: Metrics) -> Self {
+        Self {
+            metrics,
+            logs: [Refusals::new(), Refusals::new(), Refusals::new()],
+        }
+    }
+
+    /// Counts one refusal of a client at `peer`.
+    fn count(&mut self, why: Refusal, peer: SocketAddr) {
+        let (listener, reason) = why.labels();
+        self.metrics.connection_refused(listener, reason);
+        let Some(n) = self.logs[why as usize].refused(Instant::now()) else {
+            return;
+        };
+        match why {
+            Refusal::NotAllowed => tracing::warn!(
+                refused = n,
+                client = %peer.ip(),
+                "connections from outside server.allowed_clients closed at accept (count since the last such line)"
+            ),
+            Refusal::ProxyFull => tracing::warn!(
+                refused = n,
+                "server.max_connections reached: connections closed at accept (count since the last such line)"
+            ),
+            Refusal::AdminFull => tracing::warn!(
+                refused = n,
+                "server.admin_max_connections reached: connections closed at accept (count since the last such line)"
+            ),
+        }
     }
 }
 

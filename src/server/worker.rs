@@ -17,19 +17,17 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 
+use super::conn::{self, Conn, Drain, Open, Timeouts, Tracked};
 use crate::config::UpstreamConfig;
-use crate::error::ProxyError;
 use crate::proxy::Proxy;
 use crate::upstream::Upstream;
 
-/// A connection handed to a worker, with the verdict of the allow-list and
-/// its place under `server.max_connections` (given back when it closes).
+/// A connection handed to a worker, with its place under
+/// `server.max_connections` (given back when it closes).
 struct Handoff {
     stream: std::net::TcpStream,
-    refused: Option<Arc<ProxyError>>,
     permit: OwnedSemaphorePermit,
 }
 
@@ -37,8 +35,19 @@ struct Handoff {
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
     pub(crate) max_connections: usize,
+    pub(crate) admin_max_connections: usize,
     pub(crate) max_header_bytes: usize,
     pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+}
+
+impl Limits {
+    pub(crate) fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            header_read: self.header_read_timeout,
+            idle: self.idle_timeout,
+        }
+    }
 }
 
 /// The proxy's worker threads.
@@ -56,6 +65,21 @@ impl std::fmt::Debug for Handoff {
     }
 }
 
+/// Requests in progress on one HTTP/2 connection; clients queue the others
+/// on their side. Hyper's default, 200, times `server.max_connections`,
+/// would not fit the memory limit (each costs a few KiB even while it
+/// waits), and Criteo's rate limits leave no use for more.
+const H2_MAX_STREAMS: u32 = 8;
+/// What an HTTP/2 client may send on a stream before the proxy reads it.
+/// The connection's window is the sum of its streams' windows, so that
+/// streams whose bodies wait (for a token, for an upstream connection)
+/// can never starve the one being forwarded. Hyper's 1 MiB windows, times
+/// every connection, would not fit the memory limit.
+const H2_STREAM_WINDOW: u32 = 8 * 1024;
+const H2_CONNECTION_WINDOW: u32 = H2_MAX_STREAMS * H2_STREAM_WINDOW;
+/// What may wait to be written to a client, per stream (hyper: 400 KB).
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
 /// The HTTP/1.1 + HTTP/2 server settings both listeners use.
 pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -69,7 +93,15 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        // A peer silent for the idle time is pinged, and dropped if it
+        // does not answer as long (a vanished client with streams open).
+        .keep_alive_interval(limits.idle_timeout)
+        .keep_alive_timeout(limits.idle_timeout);
     builder
 }
 
@@ -83,6 +115,10 @@ impl Workers {
         limits: &Limits,
     ) -> std::io::Result<Self> {
         let (stop, stop_rx) = watch::channel(false);
+        // upstream.max_connections is shared equally by the workers, so
+        // that memory does not grow with the CPU count.
+        let mut upstream = upstream.clone();
+        upstream.max_connections = upstream.max_connections.div_ceil(count.max(1));
         let mut senders = Vec::with_capacity(count);
         let mut done = Vec::with_capacity(count);
         for i in 0..count {
@@ -121,22 +157,13 @@ impl Workers {
     }
 
     /// Hands an accepted connection to the next worker.
-    pub(crate) fn dispatch(
-        &mut self,
-        stream: tokio::net::TcpStream,
-        refused: Option<Arc<ProxyError>>,
-        permit: OwnedSemaphorePermit,
-    ) {
+    pub(crate) fn dispatch(&mut self, stream: tokio::net::TcpStream, permit: OwnedSemaphorePermit) {
         let Ok(stream) = stream.into_std() else {
             return;
         };
         let i = self.next % self.senders.len();
         self.next = self.next.wrapping_add(1);
-        if let Err(mpsc::error::SendError(h)) = self.senders[i].send(Handoff {
-            stream,
-            refused,
-            permit,
-        }) {
+        if let Err(mpsc::error::SendError(h)) = self.senders[i].send(Handoff { stream, permit }) {
             // That worker died; give the connection to one that runs.
             self.retry(h);
         }
@@ -180,7 +207,8 @@ async fn serve(
         }
     };
     let builder = http_builder(&limits);
-    let graceful = GracefulShutdown::new();
+    let timeouts = limits.timeouts();
+    let drain = Drain::new();
     loop {
         let handoff = tokio::select! {
             h = rx.recv() => match h {
@@ -192,32 +220,31 @@ async fn serve(
         let Ok(stream) = tokio::net::TcpStream::from_std(handoff.stream) else {
             continue;
         };
-        let refused = handoff.refused;
-        let permit = handoff.permit;
-        let proxy = Arc::clone(&proxy);
-        let svc = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            let refused = refused.clone();
-            async move {
-                Ok::<_, Infallible>(match refused {
-                    Some(err) => proxy.refuse(&err),
-                    None => proxy.handle(req).await,
-                })
-            }
-        });
-        let conn = builder
+        let state = Conn::new(Arc::clone(&proxy));
+        let svc = {
+            let state = Arc::clone(&state);
+            service_fn(move |req| {
+                let open = Open::begin(&state);
+                async move {
+                    let resp = open.app().handle(req).await;
+                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, open)))
+                }
+            })
+        };
+        let http = builder
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
-        let conn = graceful.watch(conn);
+        let stop = drain.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let shutdown = |c: std::pin::Pin<&mut _>| auto::Connection::graceful_shutdown(c);
+            let served = conn::drive(http, shutdown, &state, timeouts, stop, handoff.permit);
+            if let Err(e) = served.await {
                 tracing::debug!(error = %e, "proxy connection ended with an error");
             }
-            drop(permit);
         });
     }
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = drain.shutdown() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "grace period over; closing remaining proxy connections");
         }

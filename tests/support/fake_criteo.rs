@@ -115,6 +115,8 @@ pub struct State {
     answered_refresh_tokens: Mutex<Vec<(String, String)>>,
     outage: AtomicBool,
     always_401: AtomicBool,
+    /// 401 answers send their headers and a first chunk, then stall.
+    stall_401_bodies: AtomicBool,
     tokens: Mutex<HashMap<String, Issued>>,
     revoked: Mutex<Vec<String>>,
     counter: AtomicU64,
@@ -268,6 +270,12 @@ impl FakeCriteo {
         self.state.always_401.store(on, Ordering::SeqCst);
     }
 
+    /// Makes every 401 send its headers and the start of its body, then
+    /// nothing more, ever.
+    pub fn stall_401_bodies(&self) {
+        self.state.stall_401_bodies.store(true, Ordering::SeqCst);
+    }
+
     pub fn set_token_delay(&self, d: Duration) {
         *self.state.token_delay.lock().unwrap() = d;
     }
@@ -386,6 +394,7 @@ impl FakeCriteo {
     }
 
     /// Lets a held `/gated` response send the rest of its body.
+    /// Lets one `/gated` body go on, or one `/hold` request be answered.
     pub fn release(&self) {
         self.state.release.notify_one();
     }
@@ -460,6 +469,7 @@ impl Builder {
             answered_refresh_tokens: Mutex::new(Vec::new()),
             outage: AtomicBool::new(self.outage),
             always_401: AtomicBool::new(false),
+            stall_401_bodies: AtomicBool::new(false),
             tokens: Mutex::new(HashMap::new()),
             revoked: Mutex::new(Vec::new()),
             counter: AtomicU64::new(0),
@@ -916,6 +926,13 @@ async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         }
     };
     let mut resp = match verdict {
+        Some(code) if st.stall_401_bodies.load(Ordering::SeqCst) => {
+            let mut r = Response::new(Either::Right(StreamBody::new(
+                tokio_stream::Chunks::stalling(code),
+            )));
+            *r.status_mut() = StatusCode::UNAUTHORIZED;
+            r
+        }
         Some(code) => criteo_401(code),
         None => match path.as_str() {
             "/forbidden" => json_body(
@@ -925,6 +942,14 @@ async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             "/slow" => {
                 tokio::time::sleep(Duration::from_millis(param("ms").unwrap_or(1000))).await;
                 json_body(StatusCode::OK, json!({"slow": true}))
+            }
+            // Answered only after `FakeCriteo::release`.
+            "/hold" => {
+                st.release.notified().await;
+                json_body(
+                    StatusCode::OK,
+                    json!({"held": true, "body_len": body.len()}),
+                )
             }
             "/big" | "/gated" => {
                 let total = param("bytes").unwrap_or(8 << 20) as usize;
@@ -954,6 +979,11 @@ async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 );
                 r.headers_mut()
                     .insert("x-fake-criteo", "echo".parse().unwrap());
+                // `?proxy_error=1`: a header that only the proxy may send.
+                if param("proxy_error") == Some(1) {
+                    r.headers_mut()
+                        .insert("x-criteo-proxy-error", "upstream_timeout".parse().unwrap());
+                }
                 r
             }
         },
@@ -997,14 +1027,28 @@ pub mod tokio_stream {
     pub struct Chunks {
         left: usize,
         sent: usize,
+        /// Sent first instead of the pattern.
+        first: Option<Bytes>,
         gate: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     }
 
     impl Chunks {
+        /// The start of a Criteo 401 body, then nothing, ever.
+        pub fn stalling(code: &str) -> Self {
+            let start = format!("{{\"errors\":[{{\"code\":\"{code}\"");
+            Self {
+                left: usize::MAX,
+                sent: 0,
+                first: Some(Bytes::from(start)),
+                gate: Some(Box::pin(std::future::pending())),
+            }
+        }
+
         pub fn new(total: usize, gate: Option<Arc<super::State>>) -> Self {
             Self {
                 left: total,
                 sent: 0,
+                first: None,
                 gate: gate.map(|st| {
                     Box::pin(async move { st.release.notified().await })
                         as Pin<Box<dyn Future<Output = ()> + Send>>
@@ -1018,6 +1062,10 @@ pub mod tokio_stream {
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
             if self.left == 0 {
                 return Poll::Ready(None);
+            }
+            if let Some(first) = self.first.take() {
+                self.sent += first.len();
+                return Poll::Ready(Some(Ok(Frame::data(first))));
             }
             if self.sent > 0
                 && let Some(g) = self.gate.as_mut()

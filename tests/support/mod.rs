@@ -4,6 +4,7 @@
 
 pub mod fake_criteo;
 pub mod process;
+pub mod raw;
 
 use std::sync::Arc;
 use std::time::Duration;

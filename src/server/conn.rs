@@ -1,0 +1,329 @@
+//! One accepted connection, on either listener, from its first byte to its
+//! close: no phase of it can hold the connection forever.
+//!
+//! - Before its first complete request head (protocol detection, a silent
+//!   socket, a half-sent HTTP/2 preface or HTTP/1 head):
+//!   `server.header_read_timeout`, then closed.
+//! - With no request in progress (HTTP/1.1 keep-alive, an HTTP/2
+//!   connection with no open stream): `server.idle_timeout`, then a
+//!   graceful close (HTTP/2: GOAWAY); if that does not end it, closed
+//!   after `server.header_read_timeout` more.
+//! - HTTP/1.1 heads after the first: hyper's `header_read_timeout`, which
+//!   starts when the previous response ends. HTTP/2: a ping after
+//!   `server.idle_timeout` of silence, closed if unanswered as long.
+//! - Request bodies: `server.body_read_timeout` between bytes
+//!   (`proxy/body.rs`).
+//!
+//! One timer per connection, re-armed only when it fires; per request, a
+//! counter goes up when the head arrives and down when the response body
+//! ends.
+
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
+
+/// The timers of a connection, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub(crate) header_read: Duration,
+    pub(crate) idle: Duration,
+}
+
+/// A connection's state shared by its requests and its watchdog, with
+/// what its requests are served by (`app`), so that a request clones one
+/// reference, as it would for the app alone.
+#[derive(Debug)]
+pub(crate) struct Conn<T> {
+    pub(crate) app: T,
+    /// Requests whose response has not ended.
+    open: AtomicUsize,
+    /// When the last response ended (coarse clock ticks); 0: none yet.
+    last_end: AtomicU64,
+}
+
+impl<T> Conn<T> {
+    pub(crate) fn new(app: T) -> Arc<Self> {
+        Arc::new(Self {
+            app,
+            open: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+        })
+    }
+}
+
+/// One request in progress on a connection, from its head to the end of
+/// its response body (or until either is dropped).
+#[derive(Debug)]
+pub(crate) struct Open<T>(Arc<Conn<T>>);
+
+impl<T> Open<T> {
+    pub(crate) fn begin(conn: &Arc<Conn<T>>) -> Self {
+        conn.open.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(conn))
+    }
+
+    pub(crate) fn app(&self) -> &T {
+        &self.0.app
+    }
+}
+
+impl<T> Drop for Open<T> {
+    fn drop(&mut self) {
+        let now = coarsetime::Instant::now().as_ticks().max(1);
+        self.0.last_end.store(now, Ordering::Release);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as open until it ends.
+#[derive(Debug)]
+pub(crate) struct Tracked<B, T> {
+    body: B,
+    open: Option<Open<T>>,
+}
+
+impl<B: Body, T> Tracked<B, T> {
+    pub(crate) fn new(body: B, open: Open<T>) -> Self {
+        let open = (!body.is_end_stream()).then_some(open);
+        Self { body, open }
+    }
+}
+
+impl<B: Body + Unpin, T> Body for Tracked<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => this.open = None,
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.open = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// What the watchdog decides when its timer fires.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Look again at this instant.
+    Wait(Instant),
+    /// Idle for too long: close gracefully.
+    Idle,
+    /// Close now.
+    Drop,
+}
+
+/// The watchdog's rule, given the connection's state at `now`. `since` is
+/// how long ago the last response ended (`None`: no request yet),
+/// `closing` whether a graceful close was already asked for.
+fn verdict(
+    open: usize,
+    since: Option<Duration>,
+    closing: bool,
+    now: Instant,
+    t: Timeouts,
+) -> Verdict {
+    let later = |d: Duration| Verdict::Wait(now.checked_add(d).unwrap_or(now));
+    match since {
+        _ if open > 0 => later(t.idle),
+        // No complete request head within header_read_timeout.
+        None => Verdict::Drop,
+        // A graceful close that did not end the connection.
+        Some(_) if closing => Verdict::Drop,
+        Some(idle) if idle >= t.idle => Verdict::Idle,
+        Some(idle) => later(t.idle - idle),
+    }
+}
+
+/// Serves `conn` until it ends, `stop` fires (then it is closed
+/// gracefully) or a phase overstays its timer. `shutdown` asks `conn` for
+/// a graceful close; `permit` (its place under a connection limit) is
+/// given back before the socket closes, so a client that sees the close
+/// finds the place free.
+pub(crate) async fn drive<C, E, T, P>(
+    conn: C,
+    shutdown: impl Fn(Pin<&mut C>),
+    state: &Conn<T>,
+    timeouts: Timeouts,
+    mut stop: watch::Receiver<()>,
+    permit: P,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = pin!(conn);
+    let start = Instant::now();
+    let first = start.checked_add(timeouts.header_read).unwrap_or(start);
+    let mut timer = pin!(tokio::time::sleep_until(first.into()));
+    let mut closing = false;
+    let mut stopping = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => break r,
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                shutdown(conn.as_mut());
+            }
+            () = timer.as_mut() => {
+                let last = state.last_end.load(Ordering::Acquire);
+                let since = (last != 0).then(|| {
+                    coarsetime::Instant::now()
+                        .duration_since(coarsetime::Instant::from_ticks(last))
+                        .into()
+                });
+                let open = state.open.load(Ordering::Acquire);
+                let now = Instant::now();
+                match verdict(open, since, closing, now, timeouts) {
+                    Verdict::Wait(at) => timer.as_mut().reset(at.into()),
+                    Verdict::Idle => {
+                        closing = true;
+                        shutdown(conn.as_mut());
+                        let at = now.checked_add(timeouts.header_read).unwrap_or(now);
+                        timer.as_mut().reset(at.into());
+                    }
+                    Verdict::Drop => break Ok(()),
+                }
+            }
+        }
+    };
+    drop(permit);
+    drop(stop);
+    result
+}
+
+/// Tells every connection to close gracefully and waits until they have
+/// (what hyper-util's `GracefulShutdown` does for hyper's own connection
+/// types; ours are driven by [`drive`]).
+#[derive(Debug)]
+pub(crate) struct Drain {
+    tx: watch::Sender<()>,
+}
+
+impl Drain {
+    pub(crate) fn new() -> Self {
+        Self {
+            tx: watch::Sender::new(()),
+        }
+    }
+
+    /// What a new connection watches; taken before it is spawned, so that
+    /// a shutdown that starts meanwhile is not missed.
+    pub(crate) fn watcher(&self) -> watch::Receiver<()> {
+        self.tx.subscribe()
+    }
+
+    pub(crate) async fn shutdown(self) {
+        let _ = self.tx.send(());
+        self.tx.closed().await;
+    }
+}
+
+// === refusals ===
+
+/// How often a kind of refused connection is logged at most.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Refused connections, logged at most once per [`REFUSAL_LOG_EVERY`] with
+/// how many were refused since the last line: a flood of connections must
+/// not become a flood of log lines.
+#[derive(Debug)]
+pub(crate) struct Refusals {
+    last_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    pub(crate) fn new() -> Self {
+        Self {
+            last_line: None,
+            unlogged: 0,
+        }
+    }
+
+    /// Counts one refusal at `now`; `Some(n)` when a line is due, `n`
+    /// being the refusals it reports (this one included).
+    pub(crate) fn refused(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        let due = self
+            .last_line
+            .is_none_or(|l| now.saturating_duration_since(l) >= REFUSAL_LOG_EVERY);
+        if !due {
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Timeouts = Timeouts {
+        header_read: Duration::from_secs(30),
+        idle: Duration::from_secs(60),
+    };
+
+    #[test]
+    fn a_connection_without_a_request_is_dropped_at_the_first_deadline() {
+        let now = Instant::now();
+        assert_eq!(verdict(0, None, false, now, T), Verdict::Drop);
+    }
+
+    #[test]
+    fn a_connection_with_a_request_in_progress_is_left_alone() {
+        let now = Instant::now();
+        let later = Verdict::Wait(now + T.idle);
+        assert_eq!(verdict(1, None, false, now, T), later);
+        assert_eq!(
+            verdict(2, Some(Duration::from_secs(600)), false, now, T),
+            later
+        );
+        assert_eq!(verdict(1, Some(Duration::ZERO), true, now, T), later);
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed_gracefully_then_dropped() {
+        let now = Instant::now();
+        assert_eq!(
+            verdict(0, Some(Duration::from_secs(20)), false, now, T),
+            Verdict::Wait(now + Duration::from_secs(40)),
+            "looks again when the idle time is up"
+        );
+        assert_eq!(verdict(0, Some(T.idle), false, now, T), Verdict::Idle);
+        assert_eq!(verdict(0, Some(T.idle), true, now, T), Verdict::Drop);
+    }
+
+    #[test]
+    fn refusals_are_logged_once_per_period_with_a_count() {
+        let mut r = Refusals::new();
+        let t0 = Instant::now();
+        assert_eq!(r.refused(t0), Some(1), "the first one at once");
+        for i in 1..1000 {
+            assert_eq!(r.refused(t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(r.refused(t0 + REFUSAL_LOG_EVERY), Some(1000));
+        assert_eq!(r.refused(t0 + REFUSAL_LOG_EVERY), None);
+    }
+}
