@@ -78,7 +78,7 @@ impl Onboarding {
     }
 
     /// `GET /oauth/authorize?tenant=NAME`.
-    pub fn authorize(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+    pub async fn authorize(&self, query: Option<&str>) -> Response<Full<Bytes>> {
         let tenant = param(query, "tenant");
         let Some(tenant) = tenant else {
             return error(
@@ -102,7 +102,7 @@ impl Onboarding {
                 Some(&tenant),
             );
         };
-        let key = match grant.state_key() {
+        let key = match grant.state_key().await {
             Ok(k) => k,
             Err(e) => {
                 return error(
@@ -145,7 +145,7 @@ impl Onboarding {
                 "The callback carries no state. Start again from /oauth/authorize?tenant=NAME.",
             );
         };
-        let (tenant, grant, claims) = match self.verify_state(&state) {
+        let (tenant, grant, claims) = match self.verify_state(&state).await {
             Ok(found) => found,
             Err(why) => {
                 tracing::warn!(reason = %why, "consent callback refused");
@@ -241,7 +241,7 @@ impl Onboarding {
 
     /// The state's tenant, grant and claims, once its MAC (constant time)
     /// and expiry are checked. Single use is [`Self::use_state`]'s.
-    fn verify_state(
+    async fn verify_state(
         &self,
         state: &str,
     ) -> Result<(String, Arc<RefreshGrant>, StateClaims), String> {
@@ -255,7 +255,7 @@ impl Onboarding {
         let grant = self
             .grant(&tenant)
             .ok_or_else(|| StateError::Forged.to_string())?;
-        let key = grant.state_key()?;
+        let key = grant.state_key().await?;
         let now = unix_now();
         let claims = consent::verify_state(key.expose_secret().as_bytes(), state, now)
             .map_err(|e| e.to_string())?;
@@ -277,7 +277,11 @@ impl Onboarding {
     }
 
     /// `POST /consent/callback`: Criteo's consent-delegation callback.
-    pub fn consent_callback(&self, signature: Option<&str>, body: &[u8]) -> Response<Full<Bytes>> {
+    pub async fn consent_callback(
+        &self,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Response<Full<Bytes>> {
         let Some(consent) = &self.consent else {
             return error(
                 StatusCode::NOT_FOUND,
@@ -286,7 +290,7 @@ impl Onboarding {
                 None,
             );
         };
-        let Ok(secret) = consent.signing_secret.load() else {
+        let Ok(secret) = consent.signing_secret.load_async().await else {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "signing_secret_unreadable",

@@ -4,7 +4,7 @@
 //! A refresher is stopped by a signal it checks between token requests,
 //! never aborted in the middle of one: aborting a refresh-token rotation
 //! after Criteo answered would lose the new refresh token. Nor does anyone
-//! wait for it on the spot: a reload (which runs in the accept loop) only
+//! wait for it on the spot: a reload (in the control task) only
 //! signals, and the stopped refresher finishes its rotation and its save on
 //! its own. A tenant started again under the same name begins only once its
 //! previous refresher has ended, and reads the store after that, so that it

@@ -99,13 +99,14 @@ impl RefreshGrant {
 
     /// The key that signs this tenant's onboarding `state`s: its client
     /// secret, which the `consent-url` command also knows.
-    pub fn state_key(&self) -> Result<SecretString, String> {
-        self.client_secret.load()
+    pub async fn state_key(&self) -> Result<SecretString, String> {
+        self.client_secret.load_async().await
     }
 
-    fn secret(&self) -> Result<SecretString, GrantError> {
+    async fn secret(&self) -> Result<SecretString, GrantError> {
         self.client_secret
-            .load()
+            .load_async()
+            .await
             .map_err(|e| GrantError::Transient(format!("client secret: {e}")))
     }
 
@@ -127,7 +128,7 @@ impl RefreshGrant {
             let Some(refresh_token) = chain.current.clone() else {
                 return Err(self.consent_hint("no refresh token is stored or configured"));
             };
-            let secret = self.secret()?;
+            let secret = self.secret().await?;
             match self
                 .endpoint
                 .refresh_token(&self.client_id, &secret, &refresh_token)
@@ -146,7 +147,11 @@ impl RefreshGrant {
                     chain.current = None;
                     if !chain.seed_tried {
                         chain.seed_tried = true;
-                        if let Some(seed) = self.seed.as_ref().and_then(|s| s.load().ok())
+                        let seed = match &self.seed {
+                            Some(s) => s.load_async().await.ok(),
+                            None => None,
+                        };
+                        if let Some(seed) = seed
                             && !same(&seed, &refresh_token)
                             && !self.store.seed_presented(&seed)
                         {
@@ -201,7 +206,7 @@ impl RefreshGrant {
     /// wins). If the answer's access token is unusable, the saved refresh
     /// token is renewed at once.
     pub async fn exchange_code(&self, code: &str) -> Result<Granted, GrantError> {
-        let secret = self.secret()?;
+        let secret = self.secret().await?;
         let answer = self
             .endpoint
             .authorization_code(&self.client_id, &secret, code, &self.redirect_uri)
