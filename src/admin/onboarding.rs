@@ -30,7 +30,7 @@ use crate::error::json_response;
 use crate::metrics::Metrics;
 use crate::oauth::consent::{self, STATE_TTL, StateClaims, StateError};
 use crate::tenant::Tenants;
-use crate::token::{RefreshGrant, Token};
+use crate::token::{Grants, RefreshGrant, Token};
 
 /// Header in which Criteo signs its consent callbacks.
 pub const SIGNATURE_HEADER: &str = "x-criteo-hmac-sha512";
@@ -38,6 +38,8 @@ pub const SIGNATURE_HEADER: &str = "x-criteo-hmac-sha512";
 #[derive(Debug)]
 pub struct Onboarding {
     tenants: Arc<ArcSwap<Tenants>>,
+    /// The running refreshers' grants (the control task keeps it current).
+    grants: Grants,
     consent_url: Url,
     consent: Option<ConsentConfig>,
     at_fraction: f64,
@@ -56,6 +58,7 @@ pub fn unix_now() -> u64 {
 impl Onboarding {
     pub fn new(
         tenants: Arc<ArcSwap<Tenants>>,
+        grants: Grants,
         consent_url: Url,
         consent: Option<ConsentConfig>,
         at_fraction: f64,
@@ -63,6 +66,7 @@ impl Onboarding {
     ) -> Self {
         Self {
             tenants,
+            grants,
             consent_url,
             consent,
             at_fraction,
@@ -74,7 +78,7 @@ impl Onboarding {
 
     /// The refresh-token grant of a tenant, if it is one.
     fn grant(&self, tenant: &str) -> Option<Arc<RefreshGrant>> {
-        self.tenants.load().get(tenant)?.refresh.load_full()
+        self.grants.load().get(tenant).cloned()
     }
 
     /// `GET /oauth/authorize?tenant=NAME`.

@@ -67,7 +67,7 @@ async fn run(plane: Plane, mut stop: oneshot::Receiver<Instant>) {
     } = plane;
     for t in tenants.load_full().iter() {
         if let Some(cfg) = config.tenants.iter().find(|c| *c.name == *t.name) {
-            refreshers.start(Arc::clone(t), cfg);
+            refreshers.start(t, cfg);
         }
     }
     let mut reloader = match reload_from {

@@ -23,7 +23,7 @@ use crate::config::{Config, Grant, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oauth::TokenEndpoint;
 use crate::proxy::Proxy;
-use crate::store::{StoreError, TokenStore};
+use crate::store::{FileStore, StoreError, TokenStore};
 use crate::tenant::Tenants;
 
 use crate::upstream::{Upstream, UpstreamError};
@@ -125,14 +125,15 @@ impl App {
             .tenants
             .iter()
             .any(|t| t.grant == Grant::RefreshToken);
-        let store = match &config.store.path {
-            Some(path) if needs_store => Some(Arc::new(TokenStore::open(path)?)),
+        let store: Option<Arc<dyn TokenStore>> = match &config.store.path {
+            Some(path) if needs_store => Some(Arc::new(FileStore::open(path)?)),
             _ => None,
         };
-        let refreshers = Refreshers::new(config.refresh.clone(), endpoint, store);
+        let refreshers = Refreshers::new(config.refresh.clone(), endpoint, store, metrics.clone());
         let proxy = Proxy::new(&config, Arc::clone(&tenants), upstream, metrics.clone());
         let onboarding = Onboarding::new(
             Arc::clone(&tenants),
+            refreshers.grants(),
             config.upstream.consent_url.clone(),
             config.consent.clone(),
             config.refresh.at_fraction,
@@ -444,8 +445,13 @@ mod tests {
             client_secret: t.client_secret.clone(),
         };
         let (_tx, rx) = tokio::sync::watch::channel(false);
+        let target = refresher::Target {
+            name: Arc::clone(&tenant.name),
+            cell: Arc::clone(&tenant.tokens),
+            metrics: app.metrics.refresher(&tenant.name),
+        };
         let fut = refresher::run(
-            tenant,
+            target,
             source,
             app.config.refresh.clone(),
             Arc::new(tokio::sync::Semaphore::new(1)),

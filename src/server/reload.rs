@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use super::refreshers::Refreshers;
 use crate::config::{Config, SecretSource};
 use crate::metrics::Metrics;
-use crate::store::TokenStore;
+use crate::store::FileStore;
 use crate::tenant::Tenants;
 use crate::token::State;
 
@@ -135,7 +135,7 @@ impl Reloader {
                 return; // validation requires it
             };
             let path = path.clone();
-            match tokio::task::spawn_blocking(move || TokenStore::open(&path)).await {
+            match tokio::task::spawn_blocking(move || FileStore::open(&path)).await {
                 Ok(Ok(s)) => refreshers.store = Some(Arc::new(s)),
                 Ok(Err(e)) => {
                     tracing::error!(trigger, error = %e, "configuration reload rejected");
@@ -175,8 +175,14 @@ impl Reloader {
         }
         let (added, removed) = (changes.start.len(), changes.stop.len());
         self.tenants.store(Arc::new(tenants));
+        // A removed tenant's series would otherwise stay in /metrics forever.
+        for gone in previous.iter() {
+            if !config.tenants.iter().any(|c| *c.name == *gone.name) {
+                self.metrics.forget(&gone.name);
+            }
+        }
         for (t, cfg) in changes.start.iter().chain(restart.iter()) {
-            refreshers.start(Arc::clone(t), cfg);
+            refreshers.start(t, cfg);
         }
         tracing::info!(
             trigger,
