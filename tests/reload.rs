@@ -198,3 +198,44 @@ async fn a_reload_during_a_slow_token_request_holds_up_neither_healthz_nor_new_c
     proxy.signal("-TERM");
     assert_eq!(proxy.wait_exit().await, 0);
 }
+
+#[tokio::test]
+async fn a_removed_tenant_leaves_the_metrics_on_reload() {
+    let fake = FakeCriteo::builder()
+        .client("other-id", "other-secret")
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "proxy.toml",
+        &config(&fake, &format!("{MAIN}{OTHER}")),
+    );
+    let mut proxy = Running::start(&path, "info").await;
+    assert_eq!(status(&proxy, "main").await, 200);
+    assert_eq!(status(&proxy, "other").await, 200);
+    let admin = proxy.admin.clone();
+    let metrics = || async {
+        client()
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(metrics().await.contains("tenant=\"main\""));
+
+    rewrite(
+        &path,
+        &config(&fake, OTHER).replace("default_tenant = \"main\"", "default_tenant = \"other\""),
+    );
+    proxy.signal("-HUP");
+    wait_nth(&mut proxy, "configuration reloaded", 1).await;
+    let after = metrics().await;
+    assert!(!after.contains("tenant=\"main\""), "{after}");
+    assert!(after.contains("tenant=\"other\""));
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+}
