@@ -430,6 +430,20 @@ impl SecretSource {
             SecretSource::File(path) => read_secret_file(path),
         }
     }
+
+    /// [`Self::load`] for async code: a file is read on the blocking pool,
+    /// so that a slow disk never stalls the runtime it is called from.
+    pub async fn load_async(&self) -> Result<SecretString, String> {
+        match self {
+            SecretSource::Inline(_) => self.load(),
+            SecretSource::File(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || read_secret_file(&path))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("cannot read the secret file: {e}")))
+            }
+        }
+    }
 }
 
 /// Only a regular file, at most [`MAX_SECRET_FILE`] bytes, opened so that a

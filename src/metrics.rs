@@ -2,6 +2,7 @@
 //! hands each tenant handles that are resolved once, on first use, so the
 //! request path does no label hashing for the common statuses.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use http::StatusCode;
@@ -41,7 +42,7 @@ pub enum RefreshOutcome {
 }
 
 impl RefreshOutcome {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             RefreshOutcome::Success => "success",
             RefreshOutcome::Rejected => "rejected",
@@ -172,16 +173,36 @@ impl Metrics {
             duration: OnceLock::new(),
             retries: OnceLock::new(),
             expiry: OnceLock::new(),
+        }
+    }
+
+    /// Handles for one tenant's refresher.
+    pub fn refresher(&self, name: &str) -> RefreshMetrics {
+        RefreshMetrics {
+            name: name.into(),
+            vecs: self.clone(),
             consent_required: OnceLock::new(),
         }
     }
 
-    /// Requests that could not be attributed to a configured tenant
-    /// (counted with `tenant=""`).
-    pub fn unknown_tenant(&self, status: StatusCode) {
+    /// Requests answered with no tenant to count them under (counted with
+    /// `tenant=""`): an unknown tenant, a client outside the allow-list,
+    /// the proxy's own local answers.
+    pub fn request_without_tenant(&self, status: StatusCode) {
         self.requests
             .with_label_values(&["", status.as_str()])
             .inc();
+    }
+
+    /// Deletes every series of a tenant that is no longer configured, so
+    /// that a removed tenant does not stay in the exposition forever.
+    pub fn forget(&self, tenant: &str) {
+        forget_in(&self.requests, tenant);
+        forget_in(&self.refreshes, tenant);
+        forget_in(&self.retries, tenant);
+        forget_in(&self.consent_required, tenant);
+        forget_in(&self.duration, tenant);
+        forget_in(&self.expiry, tenant);
     }
 
     /// Prometheus text exposition.
@@ -189,6 +210,26 @@ impl Metrics {
         let mut buf = Vec::with_capacity(8 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf
+    }
+}
+
+/// Removes every series of `vec` whose `tenant` label is `tenant`.
+fn forget_in<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    tenant: &str,
+) {
+    use prometheus::core::Collector;
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.get("tenant") == Some(&tenant) {
+                let _ = vec.remove(&labels);
+            }
+        }
     }
 }
 
@@ -200,7 +241,29 @@ pub struct TenantMetrics {
     duration: OnceLock<Histogram>,
     retries: OnceLock<IntCounter>,
     expiry: OnceLock<prometheus::Gauge>,
+}
+
+/// What a refresher counts.
+#[derive(Debug)]
+pub struct RefreshMetrics {
+    name: Box<str>,
+    vecs: Metrics,
     consent_required: OnceLock<IntCounter>,
+}
+
+impl RefreshMetrics {
+    pub fn refresh(&self, outcome: RefreshOutcome) {
+        self.vecs
+            .refreshes
+            .with_label_values(&[&self.name, outcome.label()])
+            .inc();
+    }
+
+    pub fn consent_required(&self) {
+        self.consent_required
+            .get_or_init(|| self.vecs.consent_required.with_label_values(&[&self.name]))
+            .inc();
+    }
 }
 
 impl TenantMetrics {
@@ -229,19 +292,6 @@ impl TenantMetrics {
     pub fn retry(&self) {
         self.retries
             .get_or_init(|| self.vecs.retries.with_label_values(&[&self.name]))
-            .inc();
-    }
-
-    pub fn refresh(&self, outcome: RefreshOutcome) {
-        self.vecs
-            .refreshes
-            .with_label_values(&[&self.name, outcome.label()])
-            .inc();
-    }
-
-    pub fn consent_required(&self) {
-        self.consent_required
-            .get_or_init(|| self.vecs.consent_required.with_label_values(&[&self.name]))
             .inc();
     }
 

@@ -7,25 +7,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use arc_swap::ArcSwapOption;
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Grant, SecretSource, TenantConfig};
 use crate::metrics::{Metrics, TenantMetrics};
-use crate::token::{RefreshGrant, TokenCell};
+use crate::token::TokenCell;
 
 #[derive(Debug)]
 pub struct Tenant {
     pub name: Arc<str>,
     pub grant: Grant,
-    pub tokens: TokenCell,
+    /// Shared with the tenant's refresher, its only writer.
+    pub tokens: Arc<TokenCell>,
     pub metrics: TenantMetrics,
     /// Set once the first upstream 403 has been logged.
     pub warned_forbidden: AtomicBool,
-    /// Refresh-token tenants: the grant that holds the rotating token
-    /// (onboarding hands it a code). Replaced when the refresher restarts.
-    pub refresh: ArcSwapOption<RefreshGrant>,
     /// What the tenant was built from; a reload keeps the tenant only if
     /// this is unchanged. Secrets enter it hashed.
     fingerprint: String,
@@ -81,10 +78,9 @@ impl Tenant {
         Tenant {
             name: t.name.as_str().into(),
             grant: t.grant,
-            tokens: TokenCell::new(lazy),
+            tokens: Arc::new(TokenCell::new(lazy)),
             metrics: metrics.tenant(&t.name),
             warned_forbidden: AtomicBool::new(false),
-            refresh: ArcSwapOption::empty(),
             fingerprint: fingerprint(t),
         }
     }

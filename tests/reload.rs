@@ -156,3 +156,86 @@ async fn a_swapped_secret_file_unsticks_a_tenant_with_rejected_credentials() {
     proxy.signal("-TERM");
     assert_eq!(proxy.wait_exit().await, 0);
 }
+
+#[tokio::test]
+async fn a_reload_during_a_slow_token_request_holds_up_neither_healthz_nor_new_connections() {
+    let fake = FakeCriteo::builder()
+        .client("other-id", "other-secret")
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "proxy.toml", &config(&fake, MAIN));
+    let mut proxy = Running::start(&path, "info").await;
+    proxy.wait_for_message("access token obtained").await;
+
+    // The stimulus: every token request from now on takes 4 s.
+    fake.set_token_delay(Duration::from_secs(4));
+    let (requests, answers) = (fake.token_requests(), fake.answers_sent());
+    rewrite(&path, &config(&fake, &format!("{MAIN}{OTHER}")));
+    proxy.signal("-HUP");
+    // The added tenant's first token request is now held by the stand-in.
+    fake.wait_token_requests(requests + 1, Duration::from_secs(20))
+        .await;
+
+    let answered = async {
+        let healthz = client()
+            .get(format!("{}/healthz", proxy.admin))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        (healthz.as_u16(), status(&proxy, "main").await)
+    };
+    let (healthz, main) = tokio::time::timeout(Duration::from_secs(30), answered)
+        .await
+        .expect("answers at all");
+    assert_eq!((healthz, main), (200, 200));
+    assert_eq!(
+        fake.answers_sent(),
+        answers,
+        "/healthz and a new proxy connection answered while the token request was still in flight"
+    );
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+}
+
+#[tokio::test]
+async fn a_removed_tenant_leaves_the_metrics_on_reload() {
+    let fake = FakeCriteo::builder()
+        .client("other-id", "other-secret")
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "proxy.toml",
+        &config(&fake, &format!("{MAIN}{OTHER}")),
+    );
+    let mut proxy = Running::start(&path, "info").await;
+    assert_eq!(status(&proxy, "main").await, 200);
+    assert_eq!(status(&proxy, "other").await, 200);
+    let admin = proxy.admin.clone();
+    let metrics = || async {
+        client()
+            .get(format!("{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(metrics().await.contains("tenant=\"main\""));
+
+    rewrite(
+        &path,
+        &config(&fake, OTHER).replace("default_tenant = \"main\"", "default_tenant = \"other\""),
+    );
+    proxy.signal("-HUP");
+    wait_nth(&mut proxy, "configuration reloaded", 1).await;
+    let after = metrics().await;
+    assert!(!after.contains("tenant=\"main\""), "{after}");
+    assert!(after.contains("tenant=\"other\""));
+    proxy.signal("-TERM");
+    assert_eq!(proxy.wait_exit().await, 0);
+}

@@ -87,10 +87,18 @@ impl Access {
     }
 
     /// `None` when the request may go on, else the answer to give.
-    pub(crate) fn check(&self, peer: IpAddr, headers: &HeaderMap) -> Option<Response<Full<Bytes>>> {
+    pub(crate) async fn check(
+        &self,
+        peer: IpAddr,
+        headers: &HeaderMap,
+    ) -> Option<Response<Full<Bytes>>> {
         // A file is read at each use, like every secret file, so rotating
         // the mounted Secret needs no restart.
-        let token = match self.admin_token.as_ref().map(SecretSource::load) {
+        let loaded = match &self.admin_token {
+            None => None,
+            Some(source) => Some(source.load_async().await),
+        };
+        let token = match loaded {
             None => None,
             Some(Ok(t)) => match check_admin_token(t.expose_secret()) {
                 Ok(()) => Some(t),

@@ -87,9 +87,9 @@ impl Admin {
                 &json!({"tenants": self.tenants.load().iter().map(|t| describe(t)).collect::<Vec<_>>()}),
             ),
             (&Method::GET, "/oauth/authorize") => {
-                match self.access.check(peer.ip(), req.headers()) {
+                match self.access.check(peer.ip(), req.headers()).await {
                     Some(refused) => refused,
-                    None => self.onboarding.authorize(query),
+                    None => self.onboarding.authorize(query).await,
                 }
             }
             (&Method::GET, "/oauth/callback") => self.onboarding.callback(query).await,
@@ -101,9 +101,11 @@ impl Admin {
                     .map(str::to_owned);
                 let body = Limited::new(req.into_body(), MAX_CALLBACK_BODY).collect();
                 match tokio::time::timeout(self.body_read_timeout, body).await {
-                    Ok(Ok(body)) => self
-                        .onboarding
-                        .consent_callback(signature.as_deref(), &body.to_bytes()),
+                    Ok(Ok(body)) => {
+                        self.onboarding
+                            .consent_callback(signature.as_deref(), &body.to_bytes())
+                            .await
+                    }
                     Err(_) => json_response(
                         StatusCode::REQUEST_TIMEOUT,
                         &json!({"error": "body_timeout", "message": "the callback body was not sent in time (server.body_read_timeout)"}),

@@ -30,7 +30,7 @@ use crate::error::json_response;
 use crate::metrics::Metrics;
 use crate::oauth::consent::{self, STATE_TTL, StateClaims, StateError};
 use crate::tenant::Tenants;
-use crate::token::{RefreshGrant, Token};
+use crate::token::{Grants, RefreshGrant, Token};
 
 /// Header in which Criteo signs its consent callbacks.
 pub const SIGNATURE_HEADER: &str = "x-criteo-hmac-sha512";
@@ -38,6 +38,8 @@ pub const SIGNATURE_HEADER: &str = "x-criteo-hmac-sha512";
 #[derive(Debug)]
 pub struct Onboarding {
     tenants: Arc<ArcSwap<Tenants>>,
+    /// The running refreshers' grants (the control task keeps it current).
+    grants: Grants,
     consent_url: Url,
     consent: Option<ConsentConfig>,
     at_fraction: f64,
@@ -56,6 +58,7 @@ pub fn unix_now() -> u64 {
 impl Onboarding {
     pub fn new(
         tenants: Arc<ArcSwap<Tenants>>,
+        grants: Grants,
         consent_url: Url,
         consent: Option<ConsentConfig>,
         at_fraction: f64,
@@ -63,6 +66,7 @@ impl Onboarding {
     ) -> Self {
         Self {
             tenants,
+            grants,
             consent_url,
             consent,
             at_fraction,
@@ -74,11 +78,11 @@ impl Onboarding {
 
     /// The refresh-token grant of a tenant, if it is one.
     fn grant(&self, tenant: &str) -> Option<Arc<RefreshGrant>> {
-        self.tenants.load().get(tenant)?.refresh.load_full()
+        self.grants.load().get(tenant).cloned()
     }
 
     /// `GET /oauth/authorize?tenant=NAME`.
-    pub fn authorize(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+    pub async fn authorize(&self, query: Option<&str>) -> Response<Full<Bytes>> {
         let tenant = param(query, "tenant");
         let Some(tenant) = tenant else {
             return error(
@@ -102,7 +106,7 @@ impl Onboarding {
                 Some(&tenant),
             );
         };
-        let key = match grant.state_key() {
+        let key = match grant.state_key().await {
             Ok(k) => k,
             Err(e) => {
                 return error(
@@ -145,7 +149,7 @@ impl Onboarding {
                 "The callback carries no state. Start again from /oauth/authorize?tenant=NAME.",
             );
         };
-        let (tenant, grant, claims) = match self.verify_state(&state) {
+        let (tenant, grant, claims) = match self.verify_state(&state).await {
             Ok(found) => found,
             Err(why) => {
                 tracing::warn!(reason = %why, "consent callback refused");
@@ -241,7 +245,7 @@ impl Onboarding {
 
     /// The state's tenant, grant and claims, once its MAC (constant time)
     /// and expiry are checked. Single use is [`Self::use_state`]'s.
-    fn verify_state(
+    async fn verify_state(
         &self,
         state: &str,
     ) -> Result<(String, Arc<RefreshGrant>, StateClaims), String> {
@@ -255,7 +259,7 @@ impl Onboarding {
         let grant = self
             .grant(&tenant)
             .ok_or_else(|| StateError::Forged.to_string())?;
-        let key = grant.state_key()?;
+        let key = grant.state_key().await?;
         let now = unix_now();
         let claims = consent::verify_state(key.expose_secret().as_bytes(), state, now)
             .map_err(|e| e.to_string())?;
@@ -277,7 +281,11 @@ impl Onboarding {
     }
 
     /// `POST /consent/callback`: Criteo's consent-delegation callback.
-    pub fn consent_callback(&self, signature: Option<&str>, body: &[u8]) -> Response<Full<Bytes>> {
+    pub async fn consent_callback(
+        &self,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Response<Full<Bytes>> {
         let Some(consent) = &self.consent else {
             return error(
                 StatusCode::NOT_FOUND,
@@ -286,7 +294,7 @@ impl Onboarding {
                 None,
             );
         };
-        let Ok(secret) = consent.signing_secret.load() else {
+        let Ok(secret) = consent.signing_secret.load_async().await else {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "signing_secret_unreadable",

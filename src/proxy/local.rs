@@ -239,7 +239,7 @@ impl Proxy {
                 resp
             }
             Err(Failed { err, left }) => {
-                self.metrics.unknown_tenant(err.status());
+                self.metrics.request_without_tenant(err.status());
                 tracing::debug!(path = uri.path(), error = %err, "local answer refused");
                 // Like every early answer: the client's body is read (or the
                 // connection closed cleanly) so its next request still works.

@@ -188,7 +188,7 @@ impl Proxy {
                     self.tenant_header
                 ),
             });
-            self.metrics.unknown_tenant(err.status());
+            self.metrics.request_without_tenant(err.status());
             tracing::debug!(tenant = requested, error = %err, "request refused");
             let resp = err.to_response(requested).map(Either::Right);
             let version = req.version();
@@ -234,7 +234,7 @@ impl Proxy {
         } else {
             error::options_asterisk()
         };
-        self.metrics.unknown_tenant(resp.status());
+        self.metrics.request_without_tenant(resp.status());
         let version = req.version();
         let left = Leftover::Unread(req.into_body());
         self.settle(resp.map(Either::Right), version, left).await

@@ -23,19 +23,20 @@ use crate::config::{Config, Grant, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oauth::TokenEndpoint;
 use crate::proxy::Proxy;
-use crate::store::{StoreError, TokenStore};
+use crate::store::{FileStore, StoreError, TokenStore};
 use crate::tenant::Tenants;
 
 use crate::upstream::{Upstream, UpstreamError};
 
 mod conn;
+mod control;
 mod refreshers;
 mod reload;
 mod worker;
 
 use conn::{Conn, Drain, Open, Refusals, Tracked};
+use control::{Control, Plane};
 use refreshers::Refreshers;
-use reload::Reloader;
 
 /// The two sockets the proxy serves, bound by the caller (tests bind
 /// `127.0.0.1:0`, so they never race for ports).
@@ -124,14 +125,15 @@ impl App {
             .tenants
             .iter()
             .any(|t| t.grant == Grant::RefreshToken);
-        let store = match &config.store.path {
-            Some(path) if needs_store => Some(Arc::new(TokenStore::open(path)?)),
+        let store: Option<Arc<dyn TokenStore>> = match &config.store.path {
+            Some(path) if needs_store => Some(Arc::new(FileStore::open(path)?)),
             _ => None,
         };
-        let refreshers = Refreshers::new(config.refresh.clone(), endpoint, store);
+        let refreshers = Refreshers::new(config.refresh.clone(), endpoint, store, metrics.clone());
         let proxy = Proxy::new(&config, Arc::clone(&tenants), upstream, metrics.clone());
         let onboarding = Onboarding::new(
             Arc::clone(&tenants),
+            refreshers.grants(),
             config.upstream.consent_url.clone(),
             config.consent.clone(),
             config.refresh.at_fraction,
@@ -176,25 +178,17 @@ impl App {
     }
 
     /// Serves until `shutdown` completes, then drains and returns.
-    pub async fn run(mut self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let first = self.tenants.load_full();
-        for t in first.iter() {
-            if let Some(cfg) = self.config.tenants.iter().find(|c| *c.name == *t.name) {
-                self.refreshers.start(Arc::clone(t), cfg);
-            }
-        }
-        let mut refreshers = self.refreshers;
-        let mut reloader = self.config_path.take().map(|path| {
-            Reloader::new(
-                path,
-                self.config,
-                Arc::clone(&self.tenants),
-                self.metrics.clone(),
-            )
+        // Reload and the refreshers live in their own task: nothing they
+        // wait for can hold up an accept.
+        let control = Control::spawn(Plane {
+            refreshers: self.refreshers,
+            config: self.config,
+            tenants: Arc::clone(&self.tenants),
+            metrics: self.metrics.clone(),
+            reload_from: self.config_path,
         });
-        let mut hangup = hangup_signal(reloader.is_some());
-        let mut poll = tokio::time::interval(reload::POLL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let addr = |l: &TcpListener| {
             l.local_addr()
@@ -217,6 +211,7 @@ impl App {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the proxy workers");
+                control.shutdown(tokio::time::Instant::now()).await;
                 return;
             }
         };
@@ -286,17 +281,6 @@ impl App {
                     admit(stream, peer, &mut refused);
                 }
                 () = &mut shutdown => break,
-                Some(()) = recv(&mut hangup) => {
-                    if let Some(r) = reloader.as_mut() {
-                        r.reload(&mut refreshers, "SIGHUP").await;
-                    }
-                }
-                _ = poll.tick(), if reloader.is_some() => {
-                    if let Some(r) = reloader.as_mut()
-                        && r.files_changed() {
-                            r.reload(&mut refreshers, "a watched file changed").await;
-                        }
-                }
             }
         }
 
@@ -332,7 +316,7 @@ impl App {
         // Stage 3: stop the refreshers. One in the middle of a token request
         // (a rotation, whose new refresh token must reach the store) gets
         // until the deadline to finish it.
-        refreshers.stop_all(deadline).await;
+        control.shutdown(deadline).await;
     }
 
     /// The current tenant set.
@@ -417,37 +401,6 @@ pub async fn run(
     Ok(())
 }
 
-#[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangup = Option<()>;
-
-/// SIGHUP, when reloading is on.
-fn hangup_signal(on: bool) -> Hangup {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if on {
-            return signal(SignalKind::hangup()).ok();
-        }
-        None
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = on;
-        None
-    }
-}
-
-/// The next SIGHUP; never, when there is no handler.
-async fn recv(hangup: &mut Hangup) -> Option<()> {
-    #[cfg(unix)]
-    if let Some(s) = hangup {
-        return s.recv().await;
-    }
-    std::future::pending().await
-}
-
 /// An accepted stream with `TCP_NODELAY`, or `None` after a short pause on
 /// an accept error (such as running out of file descriptors).
 async fn accepted_or_pause(
@@ -492,8 +445,13 @@ mod tests {
             client_secret: t.client_secret.clone(),
         };
         let (_tx, rx) = tokio::sync::watch::channel(false);
+        let target = refresher::Target {
+            name: Arc::clone(&tenant.name),
+            cell: Arc::clone(&tenant.tokens),
+            metrics: app.metrics.refresher(&tenant.name),
+        };
         let fut = refresher::run(
-            tenant,
+            target,
             source,
             app.config.refresh.clone(),
             Arc::new(tokio::sync::Semaphore::new(1)),

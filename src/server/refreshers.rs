@@ -4,7 +4,7 @@
 //! A refresher is stopped by a signal it checks between token requests,
 //! never aborted in the middle of one: aborting a refresh-token rotation
 //! after Criteo answered would lose the new refresh token. Nor does anyone
-//! wait for it on the spot: a reload (which runs in the accept loop) only
+//! wait for it on the spot: a reload (in the control task) only
 //! signals, and the stopped refresher finishes its rotation and its save on
 //! its own. A tenant started again under the same name begins only once its
 //! previous refresher has ended, and reads the store after that, so that it
@@ -19,10 +19,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::{Grant, RefreshConfig, TenantConfig};
+use crate::metrics::Metrics;
 use crate::oauth::TokenEndpoint;
 use crate::store::TokenStore;
 use crate::tenant::Tenant;
-use crate::token::{RefreshGrant, TokenSource, refresher};
+use crate::token::refresher::{self, Target};
+use crate::token::{Grants, RefreshGrant, TokenSource};
 
 /// Token requests in flight at once, across all tenants.
 const MAX_CONCURRENT_FETCHES: usize = 32;
@@ -39,16 +41,19 @@ pub(crate) struct Refreshers {
     /// Stopped refreshers that may still be finishing a token request.
     stopping: HashMap<Arc<str>, JoinHandle<()>>,
     fetches: Arc<Semaphore>,
-    pub(crate) refresh: RefreshConfig,
+    refresh: RefreshConfig,
     endpoint: TokenEndpoint,
-    pub(crate) store: Option<Arc<TokenStore>>,
+    pub(crate) store: Option<Arc<dyn TokenStore>>,
+    metrics: Metrics,
+    grants: Grants,
 }
 
 impl Refreshers {
     pub(crate) fn new(
         refresh: RefreshConfig,
         endpoint: TokenEndpoint,
-        store: Option<Arc<TokenStore>>,
+        store: Option<Arc<dyn TokenStore>>,
+        metrics: Metrics,
     ) -> Self {
         Self {
             tasks: HashMap::new(),
@@ -57,40 +62,46 @@ impl Refreshers {
             refresh,
             endpoint,
             store,
+            metrics,
+            grants: Grants::default(),
         }
+    }
+
+    /// The registry of grants, kept current as refreshers start and stop.
+    pub(crate) fn grants(&self) -> Grants {
+        Arc::clone(&self.grants)
     }
 
     /// Starts the tenant's refresher: at once, or, if a refresher of the
     /// same name is still finishing, as soon as it has ended.
-    pub(crate) fn start(&mut self, tenant: Arc<Tenant>, config: &TenantConfig) {
+    pub(crate) fn start(&mut self, tenant: &Tenant, config: &TenantConfig) {
         self.stop(&tenant.name);
         let previous = self.stopping.remove(&tenant.name);
         let (stop, stop_rx) = watch::channel(false);
+        let target = Target {
+            name: Arc::clone(&tenant.name),
+            cell: Arc::clone(&tenant.tokens),
+            metrics: self.metrics.refresher(&tenant.name),
+        };
+        let (endpoint, store) = (self.endpoint.clone(), self.store.clone());
+        let (refresh, fetches) = (self.refresh.clone(), Arc::clone(&self.fetches));
         let task = match previous {
-            // Built now, so that onboarding finds the tenant's grant at once.
+            // Published now, so that onboarding finds the tenant's grant at once.
             None => {
-                let source = self.source(&tenant, config);
-                tokio::spawn(refresher::run(
-                    tenant.clone(),
-                    source,
-                    self.refresh.clone(),
-                    Arc::clone(&self.fetches),
-                    stop_rx,
-                ))
+                let source = source(config, endpoint, store, &self.grants);
+                tokio::spawn(refresher::run(target, source, refresh, fetches, stop_rx))
             }
             Some(previous) => {
-                let (endpoint, store) = (self.endpoint.clone(), self.store.clone());
-                let (refresh, fetches) = (self.refresh.clone(), Arc::clone(&self.fetches));
-                let (tenant, config) = (Arc::clone(&tenant), config.clone());
+                let (config, grants) = (config.clone(), Arc::clone(&self.grants));
                 tokio::spawn(async move {
                     let _ = previous.await;
                     if *stop_rx.borrow() {
                         return;
                     }
-                    // The store is read only now, after the previous
-                    // refresher's last save.
-                    let source = source(&tenant, &config, endpoint, store);
-                    refresher::run(tenant, source, refresh, fetches, stop_rx).await;
+                    // Its grant reads the store only now, after the
+                    // previous refresher's last save.
+                    let source = source(&config, endpoint, store, &grants);
+                    refresher::run(target, source, refresh, fetches, stop_rx).await;
                 })
             }
         };
@@ -98,20 +109,23 @@ impl Refreshers {
             .insert(Arc::clone(&tenant.name), Running { stop, task });
     }
 
-    fn source(&self, tenant: &Tenant, config: &TenantConfig) -> TokenSource {
-        source(tenant, config, self.endpoint.clone(), self.store.clone())
-    }
-
     /// Tells a tenant's refresher to stop once its current token request
-    /// (if any) is over, without waiting for it.
+    /// (if any) is over, without waiting for it. Its grant leaves the
+    /// registry at once.
     pub(crate) fn stop(&mut self, name: &str) {
         self.stopping.retain(|_, task| !task.is_finished());
         if let Some((name, running)) = self.tasks.remove_entry(name) {
             let _ = running.stop.send(true);
             self.stopping.insert(name, running.task);
         }
+        if self.grants.load().contains_key(name) {
+            self.grants.rcu(|all| {
+                let mut all = HashMap::clone(all);
+                all.remove(name);
+                all
+            });
+        }
     }
-
     /// Stops every refresher and waits, until `deadline`, for those still
     /// finishing a token request (a rotation and its save).
     pub(crate) async fn stop_all(&mut self, deadline: Instant) {
@@ -136,18 +150,23 @@ impl Refreshers {
     }
 }
 
-/// The tenant's token source; for a refresh-token tenant, its grant (which
-/// reads the store now) is also handed to onboarding.
+/// The tenant's token source; a refresh-token tenant's grant is published
+/// in the registry for onboarding.
 fn source(
-    tenant: &Tenant,
     config: &TenantConfig,
     endpoint: TokenEndpoint,
-    store: Option<Arc<TokenStore>>,
+    store: Option<Arc<dyn TokenStore>>,
+    grants: &Grants,
 ) -> TokenSource {
     match (config.grant, store) {
         (Grant::RefreshToken, Some(store)) => {
             let grant = Arc::new(RefreshGrant::new(config, endpoint, store));
-            tenant.refresh.store(Some(Arc::clone(&grant)));
+            let name: Arc<str> = config.name.as_str().into();
+            grants.rcu(|all| {
+                let mut all = HashMap::clone(all);
+                all.insert(Arc::clone(&name), Arc::clone(&grant));
+                all
+            });
             TokenSource::RefreshToken(grant)
         }
         _ => TokenSource::ClientCredentials {

@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use super::refreshers::Refreshers;
 use crate::config::{Config, SecretSource};
 use crate::metrics::Metrics;
-use crate::store::TokenStore;
+use crate::store::FileStore;
 use crate::tenant::Tenants;
 use crate::token::State;
 
@@ -60,6 +60,13 @@ fn watched(path: &Path, config: &Config) -> Vec<PathBuf> {
     files
 }
 
+/// [`look`] on the blocking pool: the control task never waits on a disk.
+async fn look_async(files: Vec<PathBuf>) -> Seen {
+    tokio::task::spawn_blocking(move || look(files))
+        .await
+        .unwrap_or_default()
+}
+
 fn look(files: Vec<PathBuf>) -> Seen {
     files
         .into_iter()
@@ -74,13 +81,13 @@ fn look(files: Vec<PathBuf>) -> Seen {
 }
 
 impl Reloader {
-    pub(crate) fn new(
+    pub(crate) async fn new(
         path: PathBuf,
         running: Config,
         tenants: Arc<ArcSwap<Tenants>>,
         metrics: Metrics,
     ) -> Self {
-        let seen = look(watched(&path, &running));
+        let seen = look_async(watched(&path, &running)).await;
         Self {
             path,
             running,
@@ -91,8 +98,8 @@ impl Reloader {
     }
 
     /// True when a watched file changed since the last look.
-    pub(crate) fn files_changed(&mut self) -> bool {
-        let now = look(watched(&self.path, &self.running));
+    pub(crate) async fn files_changed(&mut self) -> bool {
+        let now = look_async(watched(&self.path, &self.running)).await;
         if now != self.seen {
             self.seen = now;
             true
@@ -102,9 +109,15 @@ impl Reloader {
     }
 
     pub(crate) async fn reload(&mut self, refreshers: &mut Refreshers, trigger: &str) {
-        let config = match Config::load(Some(&self.path)) {
-            Ok(c) => c,
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(Some(&path))).await;
+        let config = match loaded {
+            Ok(Ok(c)) => c,
             Err(e) => {
+                tracing::error!(trigger, error = %e, "configuration reload failed");
+                return;
+            }
+            Ok(Err(e)) => {
                 tracing::error!(
                     trigger,
                     problems = %e.problems.join("; "),
@@ -121,8 +134,13 @@ impl Reloader {
             let Some(path) = &config.store.path else {
                 return; // validation requires it
             };
-            match TokenStore::open(path) {
-                Ok(s) => refreshers.store = Some(Arc::new(s)),
+            let path = path.clone();
+            match tokio::task::spawn_blocking(move || FileStore::open(&path)).await {
+                Ok(Ok(s)) => refreshers.store = Some(Arc::new(s)),
+                Ok(Err(e)) => {
+                    tracing::error!(trigger, error = %e, "configuration reload rejected");
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(trigger, error = %e, "configuration reload rejected");
                     return;
@@ -135,7 +153,7 @@ impl Reloader {
         let (tenants, changes) = Tenants::rebuild(&config, &self.metrics, Some(&previous));
         // Stopping only signals: a refresher in the middle of a rotation
         // finishes it (and its save) on its own, and its successor waits
-        // for it. The reload, which runs in the accept loop, never waits.
+        // for it. The reload (in the control task) never waits for one.
         for name in &changes.stop {
             refreshers.stop(name);
         }
@@ -157,8 +175,14 @@ impl Reloader {
         }
         let (added, removed) = (changes.start.len(), changes.stop.len());
         self.tenants.store(Arc::new(tenants));
+        // A removed tenant's series would otherwise stay in /metrics forever.
+        for gone in previous.iter() {
+            if !config.tenants.iter().any(|c| *c.name == *gone.name) {
+                self.metrics.forget(&gone.name);
+            }
+        }
         for (t, cfg) in changes.start.iter().chain(restart.iter()) {
-            refreshers.start(Arc::clone(t), cfg);
+            refreshers.start(t, cfg);
         }
         tracing::info!(
             trigger,
@@ -168,7 +192,7 @@ impl Reloader {
             retried = restart.len(),
             "configuration reloaded"
         );
-        self.seen = look(watched(&self.path, &config));
+        self.seen = look_async(watched(&self.path, &config)).await;
         self.running = config;
     }
 

@@ -7,10 +7,14 @@
 //! it is recognised and merged at the next start. A lock file next to it
 //! (held for the life of the process) keeps a second proxy from rotating
 //! the same tokens. The API is small on purpose: get, put, and the record
-//! of presented seeds, which any other storage can provide.
+//! of presented seeds, which any other storage can provide; the
+//! [`TokenStore`] trait (`contract.rs`) is what the rest of the crate uses.
 
+mod contract;
 mod disk;
 mod format;
+
+pub use contract::{BoxFuture, Changes, Generation, Lease, Put, PutError, Record, TokenStore};
 
 use std::fs::{self, File};
 use std::io;
@@ -47,15 +51,8 @@ pub enum StoreError {
     InUse { path: PathBuf },
 }
 
-/// A stored refresh token and whether Criteo has already refused it.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    pub refresh_token: SecretString,
-    pub rejected: bool,
-}
-
 #[derive(Debug)]
-pub struct TokenStore {
+pub struct FileStore {
     /// The store file, every symbolic link resolved.
     path: PathBuf,
     /// The file's content as last written (or read).
@@ -65,6 +62,9 @@ pub struct TokenStore {
     /// Temporary files left by a crash, merged but not yet removed (the
     /// merge could not be written at start): removed after the next write.
     stale: Mutex<Vec<PathBuf>>,
+    /// Per-tenant refresh leases: the lock file already keeps other
+    /// processes out, so a lease only has to exclude this one's tasks.
+    leases: contract::Leases,
     _lock: File,
 }
 
@@ -75,7 +75,7 @@ pub fn check_location(path: &Path) -> Result<(), String> {
     disk::check_folder(disk::parent(&resolved)).map(drop)
 }
 
-impl TokenStore {
+impl FileStore {
     /// Opens (or prepares to create) the store at `path`. A store file that
     /// cannot be parsed is an error, never overwritten: it may hold the
     /// only copy of a tenant's refresh token. Temporary files left by a
@@ -103,6 +103,7 @@ impl TokenStore {
             data: Mutex::new(data),
             writing: tokio::sync::Mutex::new(()),
             stale: Mutex::new(Vec::new()),
+            leases: contract::Leases::default(),
             _lock: lock,
         };
         store.recover_leftovers();
@@ -118,45 +119,52 @@ impl TokenStore {
         &self.path
     }
 
-    pub fn get(&self, tenant: &str) -> Option<Stored> {
+    /// The tenant's record as it is now (the file is read only at open).
+    pub(crate) fn get(&self, tenant: &str) -> Option<Record> {
         let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
-        data.tenants.get(tenant).map(|e| Stored {
+        data.tenants.get(tenant).map(|e| Record {
             refresh_token: SecretString::from(e.refresh_token.clone()),
             rejected: e.rejected,
+            generation: Generation(e.seq),
         })
     }
 
     /// Whether `seed` has ever been presented to the token endpoint (by
     /// any tenant): if so it is spent, or it is a tenant's stored token.
-    pub fn seed_presented(&self, seed: &SecretString) -> bool {
+    fn seed_was_presented(&self, seed: &SecretString) -> bool {
         let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
         data.seed_presented(seed.expose_secret())
     }
 
-    /// Records `token` for `tenant` and returns only once the file on disk
-    /// holds it (written, synced, renamed, folder synced).
-    pub async fn put(&self, tenant: &str, token: &SecretString, rejected: bool) -> io::Result<()> {
-        self.update(|data| data.set(tenant, token.expose_secret(), rejected))
-            .await
-    }
-
-    /// Makes the config seed `tenant`'s stored token and records that it
-    /// is about to be presented, in one write, before it is: after that it
-    /// is never taken from the config again, only from the store.
-    pub async fn adopt_seed(&self, tenant: &str, seed: &SecretString) -> io::Result<()> {
+    /// Records `token` for `tenant`, whatever is stored, and returns only
+    /// once the file on disk holds it.
+    #[cfg(test)]
+    pub(crate) async fn put(
+        &self,
+        tenant: &str,
+        token: &SecretString,
+        rejected: bool,
+    ) -> io::Result<()> {
         self.update(|data| {
-            data.set(tenant, seed.expose_secret(), false);
-            data.record_seed(seed.expose_secret());
+            data.set(tenant, token.expose_secret(), rejected);
+            Ok::<_, io::Error>(())
         })
         .await
     }
 
-    async fn update(&self, change: impl FnOnce(&mut StoreFile)) -> io::Result<()> {
+    /// Applies `change` and returns only once the file on disk holds the
+    /// result (written, synced, renamed, folder synced). A change that
+    /// fails must leave the data as it was: nothing is written then.
+    async fn update<T, E: From<io::Error>>(
+        &self,
+        change: impl FnOnce(&mut StoreFile) -> Result<T, E>,
+    ) -> Result<T, E> {
         let _writer = self.writing.lock().await;
-        let bytes = {
+        let (bytes, out) = {
             let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
-            change(&mut data);
-            serde_json::to_vec_pretty(&*data).map_err(io::Error::other)?
+            let out = change(&mut data)?;
+            let bytes = serde_json::to_vec_pretty(&*data).map_err(io::Error::other)?;
+            (bytes, out)
         };
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || disk::write_atomically(&path, &bytes))
@@ -167,7 +175,7 @@ impl TokenStore {
             let path = self.path.clone();
             let _ = tokio::task::spawn_blocking(move || remove_all(&path, &stale)).await;
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Merges the complete temporary files a crash left behind (each may
@@ -318,7 +326,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
         {
-            let store = TokenStore::open(&path).unwrap();
+            let store = FileStore::open(&path).unwrap();
             assert!(store.get("acme").is_none());
             store
                 .put("acme", &SecretString::from("rt-1"), false)
@@ -333,13 +341,13 @@ mod tests {
                 .await
                 .unwrap();
             assert!(
-                matches!(TokenStore::open(&path), Err(StoreError::InUse { .. })),
+                matches!(FileStore::open(&path), Err(StoreError::InUse { .. })),
                 "a second proxy on the same store is refused"
             );
         }
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let store = TokenStore::open(&path).unwrap();
+        let store = FileStore::open(&path).unwrap();
         assert_eq!(
             store.get("acme").unwrap().refresh_token.expose_secret(),
             "rt-2"
@@ -359,7 +367,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
         fs::write(&path, "{ half a file").unwrap();
-        let err = TokenStore::open(&path).unwrap_err();
+        let err = FileStore::open(&path).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }));
         assert!(err.to_string().contains("store.path"));
         assert_eq!(fs::read_to_string(&path).unwrap(), "{ half a file");
@@ -380,7 +388,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
         {
-            let store = TokenStore::open(&path).unwrap();
+            let store = FileStore::open(&path).unwrap();
             let rt = |s: &str| SecretString::from(s.to_owned());
             store.put("acme", &rt("acme-1"), false).await.unwrap();
             store.put("other", &rt("other-1"), false).await.unwrap();
@@ -390,7 +398,7 @@ mod tests {
             fs::rename(&path, dir.path().join(".tokens.json.tmp.0123abcd")).unwrap();
             fs::write(&path, before).unwrap();
         }
-        let store = TokenStore::open(&path).unwrap();
+        let store = FileStore::open(&path).unwrap();
         let token = |t: &str| {
             store
                 .get(t)
@@ -403,7 +411,7 @@ mod tests {
         assert_eq!(token("other"), "other-1");
         assert_eq!(names(dir.path()), ["tokens.json", "tokens.json.lock"]);
         drop(store);
-        let reopened = TokenStore::open(&path).unwrap();
+        let reopened = FileStore::open(&path).unwrap();
         assert_eq!(
             reopened.get("acme").unwrap().refresh_token.expose_secret(),
             "acme-2",
@@ -422,7 +430,7 @@ mod tests {
         .unwrap();
         let leftover = r#"{"version":1,"seq":9,"tenants":{"acme":{"refresh_token":"rt-9","seq":9"#;
         fs::write(dir.path().join(".tokens.json.tmp.feed"), leftover).unwrap();
-        let store = TokenStore::open(&path).unwrap();
+        let store = FileStore::open(&path).unwrap();
         assert_eq!(
             store.get("acme").unwrap().refresh_token.expose_secret(),
             "rt-1"
@@ -434,7 +442,7 @@ mod tests {
     async fn temporary_files_have_unpredictable_names_and_none_is_left() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
-        let store = TokenStore::open(&path).unwrap();
+        let store = FileStore::open(&path).unwrap();
         // Something planted at the name earlier releases used.
         let planted = dir
             .path()
@@ -459,7 +467,7 @@ mod tests {
         let path = dir.path().join("tokens.json");
         let target = dir.path().join("elsewhere");
         std::os::unix::fs::symlink(&target, dir.path().join("tokens.json.lock")).unwrap();
-        let err = TokenStore::open(&path).unwrap_err();
+        let err = FileStore::open(&path).unwrap_err();
         assert!(matches!(err, StoreError::Link { .. }), "{err}");
         assert!(err.to_string().contains("store.path"));
         assert!(!target.exists());
@@ -473,7 +481,7 @@ mod tests {
         fs::create_dir(&there).unwrap();
         let link = here.join("tokens.json");
         std::os::unix::fs::symlink("../there/real.json", &link).unwrap();
-        let store = TokenStore::open(&link).unwrap();
+        let store = FileStore::open(&link).unwrap();
         assert_eq!(
             store.path(),
             fs::canonicalize(&there).unwrap().join("real.json")
@@ -496,7 +504,7 @@ mod tests {
     #[test]
     fn debug_output_names_tenants_but_no_token() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TokenStore::open(&dir.path().join("t.json")).unwrap();
+        let store = FileStore::open(&dir.path().join("t.json")).unwrap();
         store.data.lock().unwrap().set("acme", "secret-rt", false);
         let shown = format!("{store:?}");
         assert!(shown.contains("acme") && !shown.contains("secret-rt"));

@@ -7,9 +7,12 @@ mod refresh_grant;
 pub mod refresher;
 mod source;
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::HeaderValue;
 use rand::Rng;
@@ -20,6 +23,11 @@ pub use refresh_grant::RefreshGrant;
 pub use source::TokenSource;
 
 use crate::oauth::{Granted, MAX_LIFETIME};
+
+/// The refresh-token grants of the running refreshers, by tenant name,
+/// published by the control task as refreshers start and stop:
+/// onboarding hands a consent's code to the grant found here.
+pub type Grants = Arc<ArcSwap<HashMap<Arc<str>, Arc<RefreshGrant>>>>;
 
 /// One access token, with its `Authorization` value built once, so that
 /// injecting it costs a refcount and a header insert.

@@ -1,22 +1,25 @@
 //! A refresh-token tenant: an advertiser's consent, carried by a refresh
 //! token that rotates on every use. Losing the newest one loses the tenant,
-//! so every new refresh token is on disk (the [`TokenStore`]) before the
+//! so every new refresh token is in the [`TokenStore`] before the
 //! access token that came with it is used (or judged: a 2xx answer has
 //! spent the old token whatever else is wrong with it), and every change
 //! of the refresh token (renewal, onboarding) is serialised behind one
 //! lock. Onboarding's code exchange takes that lock only to install its
 //! result, never while it waits on the token endpoint, so that bogus
-//! callbacks cannot hold up renewals.
+//! callbacks cannot hold up renewals. Every call that presents a refresh
+//! token holds the tenant's lease in the store, and every write names the
+//! generation last read: a writer that lost the race adopts the newer
+//! token instead of overwriting it.
 
 use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard, Notify};
 
 use crate::config::{SecretSource, TenantConfig};
 use crate::oauth::{Answer, GrantError, Granted, TokenEndpoint};
-use crate::store::TokenStore;
+use crate::store::{Generation, Put, PutError, TokenStore};
 
 #[derive(Debug)]
 pub struct RefreshGrant {
@@ -25,9 +28,10 @@ pub struct RefreshGrant {
     client_id: String,
     client_secret: SecretSource,
     redirect_uri: String,
-    store: Arc<TokenStore>,
+    store: Arc<dyn TokenStore>,
     seed: Option<SecretSource>,
-    chain: Mutex<Chain>,
+    /// Read from the store at first use (`None` until then).
+    chain: Mutex<Option<Chain>>,
     /// Asks the refresher to renew at once (see [`Self::exchange_code`]).
     renew: Notify,
 }
@@ -44,49 +48,101 @@ struct Chain {
     /// stored token and recorded as presented). That is done before it is
     /// presented, so that a seed is taken from the config only once.
     unadopted_seed: Option<SecretString>,
+    /// The store's generation of the tenant's record, as last read or
+    /// written: the next write is conditional on it.
+    generation: Generation,
+}
+
+impl Chain {
+    fn empty() -> Self {
+        Self {
+            current: None,
+            seed_tried: true,
+            unsaved: false,
+            unadopted_seed: None,
+            generation: Generation::NONE,
+        }
+    }
+}
+
+fn store_error(what: &str, e: impl std::fmt::Display) -> GrantError {
+    GrantError::Transient(format!("{what}: {e}"))
 }
 
 impl RefreshGrant {
-    /// Chooses the starting refresh token: the store's, unless Criteo has
-    /// refused it; then the config seed, unless it was ever presented
-    /// before (it is then spent, or it is the stored token); else none
-    /// (consent required).
-    pub fn new(config: &TenantConfig, endpoint: TokenEndpoint, store: Arc<TokenStore>) -> Self {
-        let tenant: Arc<str> = config.name.as_str().into();
-        let stored = store.get(&tenant);
-        let seed = config
-            .seed_refresh_token
-            .as_ref()
-            .and_then(|s| s.load().ok())
-            .filter(|seed| {
-                // The second test covers stores written before seeds were
-                // recorded.
-                !store.seed_presented(seed)
-                    && !stored
-                        .as_ref()
-                        .is_some_and(|s| same(&s.refresh_token, seed))
-            });
-        let (current, seed_tried, unadopted_seed) = match (stored, seed) {
-            (Some(s), seed) if !s.rejected => (Some(s.refresh_token), seed.is_none(), None),
-            (_, Some(seed)) => (Some(seed.clone()), true, Some(seed)),
-            (_, None) => (None, true, None),
-        };
+    /// Nothing is read here: the store and the seed are read at first use.
+    pub fn new(config: &TenantConfig, endpoint: TokenEndpoint, store: Arc<dyn TokenStore>) -> Self {
         Self {
-            tenant,
+            tenant: config.name.as_str().into(),
             endpoint,
             client_id: config.client_id.clone(),
             client_secret: config.client_secret.clone(),
             redirect_uri: config.redirect_uri.clone().unwrap_or_default(),
             store,
             seed: config.seed_refresh_token.clone(),
-            chain: Mutex::new(Chain {
-                current,
-                seed_tried,
-                unsaved: unadopted_seed.is_some(),
-                unadopted_seed,
-            }),
+            chain: Mutex::new(None),
             renew: Notify::new(),
         }
+    }
+
+    /// The chain, locked; read from the store first if this is its first use.
+    async fn chain(&self) -> Result<MappedMutexGuard<'_, Chain>, GrantError> {
+        let mut guard = self.chain.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.first_chain().await?);
+        }
+        Ok(MutexGuard::map(guard, |c| {
+            c.get_or_insert_with(Chain::empty)
+        }))
+    }
+
+    /// Chooses the starting refresh token: the store's, unless Criteo has
+    /// refused it; then the config seed, unless it was ever presented
+    /// before (it is then spent, or it is the stored token); else none
+    /// (consent required).
+    async fn first_chain(&self) -> Result<Chain, GrantError> {
+        let stored = self
+            .store
+            .get(&self.tenant)
+            .await
+            .map_err(|e| store_error("cannot read the token store", e))?;
+        let seed = match &self.seed {
+            Some(s) => s.load_async().await.ok(),
+            None => None,
+        };
+        let seed = match seed {
+            // The second test covers stores written before seeds were
+            // recorded.
+            Some(seed)
+                if !self.seed_presented(&seed).await?
+                    && !stored
+                        .as_ref()
+                        .is_some_and(|s| same(&s.refresh_token, &seed)) =>
+            {
+                Some(seed)
+            }
+            _ => None,
+        };
+        let generation = stored.as_ref().map_or(Generation::NONE, |s| s.generation);
+        let (current, seed_tried, unadopted_seed) = match (stored, seed) {
+            (Some(s), seed) if !s.rejected => (Some(s.refresh_token), seed.is_none(), None),
+            (_, Some(seed)) => (Some(seed.clone()), true, Some(seed)),
+            (_, None) => (None, true, None),
+        };
+        Ok(Chain {
+            current,
+            seed_tried,
+            unsaved: unadopted_seed.is_some(),
+            unadopted_seed,
+            generation,
+        })
+    }
+
+    async fn seed_presented(&self, seed: &SecretString) -> Result<bool, GrantError> {
+        self.store
+            .seed_presented(seed)
+            .await
+            .map_err(|e| store_error("cannot read the token store", e))
     }
 
     pub fn client_id(&self) -> &str {
@@ -99,13 +155,14 @@ impl RefreshGrant {
 
     /// The key that signs this tenant's onboarding `state`s: its client
     /// secret, which the `consent-url` command also knows.
-    pub fn state_key(&self) -> Result<SecretString, String> {
-        self.client_secret.load()
+    pub async fn state_key(&self) -> Result<SecretString, String> {
+        self.client_secret.load_async().await
     }
 
-    fn secret(&self) -> Result<SecretString, GrantError> {
+    async fn secret(&self) -> Result<SecretString, GrantError> {
         self.client_secret
-            .load()
+            .load_async()
+            .await
             .map_err(|e| GrantError::Transient(format!("client secret: {e}")))
     }
 
@@ -119,7 +176,13 @@ impl RefreshGrant {
 
     /// `grant_type=refresh_token`, rotating and saving the refresh token.
     pub async fn fetch(&self) -> Result<Granted, GrantError> {
-        let mut chain = self.chain.lock().await;
+        // One caller of the token endpoint per tenant, whatever process.
+        let _lease = self
+            .store
+            .lease(&self.tenant)
+            .await
+            .map_err(|e| store_error("cannot take the tenant's refresh lease", e))?;
+        let mut chain = self.chain().await?;
         if chain.unsaved {
             self.save(&mut chain).await?;
         }
@@ -127,7 +190,7 @@ impl RefreshGrant {
             let Some(refresh_token) = chain.current.clone() else {
                 return Err(self.consent_hint("no refresh token is stored or configured"));
             };
-            let secret = self.secret()?;
+            let secret = self.secret().await?;
             match self
                 .endpoint
                 .refresh_token(&self.client_id, &secret, &refresh_token)
@@ -140,15 +203,31 @@ impl RefreshGrant {
                         reason = description.as_deref().unwrap_or("invalid_grant"),
                         "the token endpoint refused the refresh token"
                     );
-                    if let Err(e) = self.store.put(&self.tenant, &refresh_token, true).await {
-                        tracing::warn!(tenant = &*self.tenant, error = %e, "cannot record the refused refresh token");
+                    let refused = Put {
+                        refresh_token: &refresh_token,
+                        rejected: true,
+                        adopt_seed: false,
+                    };
+                    match self
+                        .store
+                        .put(&self.tenant, chain.generation, refused)
+                        .await
+                    {
+                        Ok(g) => chain.generation = g,
+                        Err(e) => {
+                            tracing::warn!(tenant = &*self.tenant, error = %e, "cannot record the refused refresh token");
+                        }
                     }
                     chain.current = None;
                     if !chain.seed_tried {
                         chain.seed_tried = true;
-                        if let Some(seed) = self.seed.as_ref().and_then(|s| s.load().ok())
+                        let seed = match &self.seed {
+                            Some(s) => s.load_async().await.ok(),
+                            None => None,
+                        };
+                        if let Some(seed) = seed
                             && !same(&seed, &refresh_token)
-                            && !self.store.seed_presented(&seed)
+                            && !self.seed_presented(&seed).await?
                         {
                             tracing::info!(
                                 tenant = &*self.tenant,
@@ -201,7 +280,7 @@ impl RefreshGrant {
     /// wins). If the answer's access token is unusable, the saved refresh
     /// token is renewed at once.
     pub async fn exchange_code(&self, code: &str) -> Result<Granted, GrantError> {
-        let secret = self.secret()?;
+        let secret = self.secret().await?;
         let answer = self
             .endpoint
             .authorization_code(&self.client_id, &secret, code, &self.redirect_uri)
@@ -212,7 +291,7 @@ impl RefreshGrant {
             ));
         };
         let saved = {
-            let mut chain = self.chain.lock().await;
+            let mut chain = self.chain().await?;
             chain.current = Some(refresh_token);
             chain.unsaved = true;
             chain.seed_tried = true;
@@ -250,29 +329,47 @@ impl RefreshGrant {
         let Some(token) = &chain.current else {
             return Ok(());
         };
-        let saved = if let Some(seed) = &chain.unadopted_seed
-            && same(seed, token)
-        {
-            self.store.adopt_seed(&self.tenant, token).await
-        } else {
-            self.store.put(&self.tenant, token, false).await
+        let put = Put {
+            refresh_token: token,
+            rejected: false,
+            adopt_seed: chain
+                .unadopted_seed
+                .as_ref()
+                .is_some_and(|seed| same(seed, token)),
         };
-        match saved {
-            Ok(()) => {
+        match self.store.put(&self.tenant, chain.generation, put).await {
+            Ok(generation) => {
+                chain.generation = generation;
                 chain.unsaved = false;
                 chain.unadopted_seed = None;
                 Ok(())
             }
-            Err(e) => {
+            Err(PutError::Stale { .. }) => {
                 tracing::error!(
                     tenant = &*self.tenant,
-                    path = %self.store.path().display(),
+                    store = %self.store.location(),
+                    "another writer saved a newer refresh token for this tenant; it is used from now on"
+                );
+                let newer = self.first_chain().await?;
+                *chain = Chain {
+                    unsaved: false,
+                    unadopted_seed: None,
+                    ..newer
+                };
+                Err(GrantError::Transient(
+                    "another writer saved a newer refresh token for this tenant".into(),
+                ))
+            }
+            Err(PutError::Io(e)) => {
+                let location = self.store.location();
+                tracing::error!(
+                    tenant = &*self.tenant,
+                    path = %location,
                     error = %e,
                     "cannot save the rotated refresh token; it is kept in memory and the access token is not used until it is saved"
                 );
                 Err(GrantError::Transient(format!(
-                    "cannot save the rotated refresh token to {}: {e}",
-                    self.store.path().display()
+                    "cannot save the rotated refresh token to {location}: {e}"
                 )))
             }
         }

@@ -22,11 +22,10 @@ use rand::Rng;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::sleep_until;
 
-use super::{Health, State, Token, TokenSource};
+use super::{Health, State, Token, TokenCell, TokenSource};
 use crate::config::RefreshConfig;
-use crate::metrics::RefreshOutcome;
+use crate::metrics::{RefreshMetrics, RefreshOutcome};
 use crate::oauth::GrantError;
-use crate::tenant::Tenant;
 
 /// Demand-driven fetches (after a 401) are spaced at least this far apart,
 /// so an API that rejects every token cannot turn each request into a
@@ -50,63 +49,97 @@ fn later(d: Duration) -> Instant {
 /// First pause after a transient failure; doubles up to `max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
+/// What a refresher keeps filled: the tenant's cell, with the name and
+/// counters its logs and metrics need (not the whole tenant).
+#[derive(Debug)]
+pub struct Target {
+    pub name: Arc<str>,
+    pub cell: Arc<TokenCell>,
+    pub metrics: RefreshMetrics,
+}
+
+/// How long to pause after a failure of this kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// Exponential back-off with jitter (see [`backoff`]).
+    Backoff,
+    /// `refresh.rejected_backoff`: credentials rarely fix themselves.
+    Rejected,
+    /// Until onboarding installs a token: nothing to present meanwhile.
+    UntilOnboarding,
+}
+
+/// What a failed token request means for the tenant: its state, how long
+/// to pause, and the metric's outcome. Pure, so that the mapping is tested
+/// on its own.
+pub fn classify(err: &GrantError) -> (State, Pause, RefreshOutcome) {
+    match err {
+        GrantError::Transient(_) => (State::Failing, Pause::Backoff, RefreshOutcome::Error),
+        GrantError::Rejected { .. } | GrantError::InvalidGrant { .. } => {
+            (State::Rejected, Pause::Rejected, RefreshOutcome::Rejected)
+        }
+        GrantError::ConsentRequired(_) => (
+            State::ConsentRequired,
+            Pause::UntilOnboarding,
+            RefreshOutcome::ConsentRequired,
+        ),
+    }
+}
+
+/// The loop's memory between token requests.
+#[derive(Debug)]
+struct Schedule {
+    next: Instant,
+    failures: u32,
+    last_fetch: Option<Instant>,
+}
+
 pub async fn run(
-    tenant: Arc<Tenant>,
+    target: Target,
     source: TokenSource,
     cfg: RefreshConfig,
     fetches: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let cell = &tenant.tokens;
-    let name = &*tenant.name;
+    let cell = &*target.cell;
     // A token already in place (a refresher restarted by a reload) is
     // renewed when due; a lazy tenant sleeps until its first request asks.
-    let mut next = match cell.current() {
+    let next = match cell.current() {
         Some(t) if t.is_usable_now() => t.refresh_at(),
         _ if cfg.lazy => later(NEVER),
         _ => Instant::now(),
     };
-    // Renewals that no 401 asked for come at most this often.
-    let floor = cfg.min_token_lifetime / 2;
-    let mut failures: u32 = 0;
-    let mut last_fetch: Option<Instant> = None;
+    let mut s = Schedule {
+        next,
+        failures: 0,
+        last_fetch: None,
+    };
     loop {
         let demanded = tokio::select! {
             // A stop is seen before anything else that is ready.
             biased;
             _ = stop.changed() => return,
-            _ = sleep_until(next.into()) => false,
+            _ = sleep_until(s.next.into()) => false,
             _ = cell.demanded() => true,
             _ = cell.installed() => {
                 // Onboarding put a fresh token in place: renew that one.
-                failures = 0;
+                s.failures = 0;
                 if let Some(t) = cell.current() {
-                    next = t.refresh_at();
+                    s.next = t.refresh_at();
                 }
                 continue;
             }
             // Onboarding saved a refresh token but could not put an access
             // token in service: renew now with that refresh token.
             () = source.renewal_wanted() => {
-                failures = 0;
-                next = Instant::now();
+                s.failures = 0;
+                s.next = Instant::now();
                 continue;
             }
         };
-        if demanded {
-            // While backing off, a waiting request is answered from the
-            // health record; it does not shorten the pause.
-            if failures > 0 || !cell.needs_token() {
-                continue;
-            }
-            if let Some(earliest) = last_fetch.map(|l| after(l, MIN_DEMAND_INTERVAL))
-                && Instant::now() < earliest
-            {
-                next = next.min(earliest);
-                continue;
-            }
+        if demanded && !s.answers_demand(cell) {
+            continue;
         }
-
         cell.set_fetching(true);
         // Bounds the token requests in flight across all tenants, so that
         // thousands of tenants starting (or renewing) at once queue here
@@ -120,8 +153,7 @@ pub async fn run(
         // Not under a timeout: the call bounds itself, and cutting a
         // rotation short here could drop a refresh token Criteo issued.
         let result = Box::pin(source.fetch()).await;
-        last_fetch = Some(requested_at);
-        let previous = cell.health();
+        s.last_fetch = Some(requested_at);
         let token = result.and_then(|granted| {
             Token::new(
                 &granted,
@@ -132,80 +164,101 @@ pub async fn run(
             .map_err(|e| GrantError::Transient(e.to_string()))
         });
         match token {
-            Ok(token) => {
-                failures = 0;
-                next = token.refresh_at().max(after(requested_at, floor));
-                tracing::info!(
-                    tenant = name,
-                    generation = token.generation(),
-                    renew_in = ?next.saturating_duration_since(Instant::now()),
-                    "access token obtained"
-                );
-                cell.publish(token);
-                cell.set_health(Health {
-                    state: State::Ready,
-                    last_refresh: Some(SystemTime::now()),
-                    last_error: None,
-                    retry_at: None,
-                });
-                tenant.metrics.refresh(RefreshOutcome::Success);
-            }
-            Err(err) => {
-                failures = failures.saturating_add(1);
-                let (state, pause, outcome) = match &err {
-                    GrantError::Transient(_) => (
-                        State::Failing,
-                        backoff(failures, cfg.max_backoff, rand::rng().random()),
-                        RefreshOutcome::Error,
-                    ),
-                    GrantError::Rejected { .. } | GrantError::InvalidGrant { .. } => (
-                        State::Rejected,
-                        cfg.rejected_backoff,
-                        RefreshOutcome::Rejected,
-                    ),
-                    // Nothing to present until a person consents again:
-                    // sleep until onboarding installs a token.
-                    GrantError::ConsentRequired(_) => (
-                        State::ConsentRequired,
-                        NEVER,
-                        RefreshOutcome::ConsentRequired,
-                    ),
-                };
-                next = later(pause);
-                let still_serving = cell.usable().is_some();
-                if state == State::ConsentRequired {
-                    if previous.state != State::ConsentRequired {
-                        tenant.metrics.consent_required();
-                    }
-                    tracing::error!(tenant = name, "{err}");
-                } else if state == State::Rejected {
-                    tracing::error!(
-                        tenant = name,
-                        error = %err,
-                        retry_in = ?pause,
-                        still_serving,
-                        "token endpoint rejected this tenant's credentials; fix client_id/client_secret"
-                    );
-                } else {
-                    tracing::warn!(
-                        tenant = name,
-                        error = %err,
-                        retry_in = ?pause,
-                        still_serving,
-                        "token request failed"
-                    );
-                }
-                cell.set_health(Health {
-                    state,
-                    last_refresh: previous.last_refresh,
-                    last_error: Some(err.to_string()),
-                    retry_at: (state != State::ConsentRequired).then_some(next),
-                });
-                tenant.metrics.refresh(outcome);
-            }
+            Ok(token) => s.succeeded(&target, token, requested_at, &cfg),
+            Err(err) => s.failed(&target, &err, &cfg),
         }
         cell.set_fetching(false);
         cell.attempt_done();
+    }
+}
+
+// === impl Schedule ===
+
+impl Schedule {
+    /// Whether a request's demand calls for a token request now. While
+    /// backing off, a waiting request is answered from the health record
+    /// (it does not shorten the pause); demands are spaced.
+    fn answers_demand(&mut self, cell: &TokenCell) -> bool {
+        if self.failures > 0 || !cell.needs_token() {
+            return false;
+        }
+        if let Some(earliest) = self.last_fetch.map(|l| after(l, MIN_DEMAND_INTERVAL))
+            && Instant::now() < earliest
+        {
+            self.next = self.next.min(earliest);
+            return false;
+        }
+        true
+    }
+
+    fn succeeded(
+        &mut self,
+        target: &Target,
+        token: Token,
+        requested_at: Instant,
+        cfg: &RefreshConfig,
+    ) {
+        // Renewals that no 401 asked for come at most this often.
+        let floor = cfg.min_token_lifetime / 2;
+        self.failures = 0;
+        self.next = token.refresh_at().max(after(requested_at, floor));
+        tracing::info!(
+            tenant = &*target.name,
+            generation = token.generation(),
+            renew_in = ?self.next.saturating_duration_since(Instant::now()),
+            "access token obtained"
+        );
+        target.cell.publish(token);
+        target.cell.set_health(Health {
+            state: State::Ready,
+            last_refresh: Some(SystemTime::now()),
+            last_error: None,
+            retry_at: None,
+        });
+        target.metrics.refresh(RefreshOutcome::Success);
+    }
+
+    fn failed(&mut self, target: &Target, err: &GrantError, cfg: &RefreshConfig) {
+        let (cell, name) = (&target.cell, &*target.name);
+        let previous = cell.health();
+        self.failures = self.failures.saturating_add(1);
+        let (state, pause, outcome) = classify(err);
+        let pause = match pause {
+            Pause::Backoff => backoff(self.failures, cfg.max_backoff, rand::rng().random()),
+            Pause::Rejected => cfg.rejected_backoff,
+            Pause::UntilOnboarding => NEVER,
+        };
+        self.next = later(pause);
+        let still_serving = cell.usable().is_some();
+        match state {
+            State::ConsentRequired => {
+                if previous.state != State::ConsentRequired {
+                    target.metrics.consent_required();
+                }
+                tracing::error!(tenant = name, "{err}");
+            }
+            State::Rejected => tracing::error!(
+                tenant = name,
+                error = %err,
+                retry_in = ?pause,
+                still_serving,
+                "token endpoint rejected this tenant's credentials; fix client_id/client_secret"
+            ),
+            _ => tracing::warn!(
+                tenant = name,
+                error = %err,
+                retry_in = ?pause,
+                still_serving,
+                "token request failed"
+            ),
+        }
+        cell.set_health(Health {
+            state,
+            last_refresh: previous.last_refresh,
+            last_error: Some(err.to_string()),
+            retry_at: (state != State::ConsentRequired).then_some(self.next),
+        });
+        target.metrics.refresh(outcome);
     }
 }
 
@@ -221,6 +274,30 @@ fn backoff(failures: u32, max: Duration, jitter: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_kind_of_failure_maps_to_its_state_pause_and_outcome() {
+        let transient = classify(&GrantError::Transient("timeout".into()));
+        assert_eq!((transient.0, transient.1), (State::Failing, Pause::Backoff));
+        assert_eq!(transient.2.label(), "error");
+
+        let rejected = classify(&GrantError::Rejected {
+            code: "invalid_client".into(),
+            description: None,
+        });
+        assert_eq!((rejected.0, rejected.1), (State::Rejected, Pause::Rejected));
+        assert_eq!(rejected.2.label(), "rejected");
+
+        let refused = classify(&GrantError::InvalidGrant { description: None });
+        assert_eq!((refused.0, refused.1), (State::Rejected, Pause::Rejected));
+
+        let consent = classify(&GrantError::ConsentRequired("revoked".into()));
+        assert_eq!(
+            (consent.0, consent.1),
+            (State::ConsentRequired, Pause::UntilOnboarding)
+        );
+        assert_eq!(consent.2.label(), "consent_required");
+    }
 
     #[test]
     fn backoff_grows_to_its_ceiling_and_keeps_jitter() {

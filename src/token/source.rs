@@ -30,7 +30,8 @@ impl TokenSource {
                 client_secret,
             } => {
                 let secret = client_secret
-                    .load()
+                    .load_async()
+                    .await
                     .map_err(|e| GrantError::Transient(format!("client secret: {e}")))?;
                 endpoint.client_credentials(client_id, &secret).await
             }
