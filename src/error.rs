@@ -147,6 +147,19 @@ pub fn options_asterisk() -> Response<Full<Bytes>> {
     resp
 }
 
+/// An error and its sources, `: `-separated: what a log line or an answer
+/// says about an error from a library that nests them.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

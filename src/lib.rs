@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;

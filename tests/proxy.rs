@@ -741,6 +741,36 @@ async fn speaks_tls_to_the_upstream_with_http2_by_alpn() {
 }
 
 #[tokio::test]
+async fn concurrent_first_requests_share_one_http2_connection() {
+    let fake = FakeCriteo::builder().tls().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, fake.ca_pem().unwrap()).unwrap();
+    let proxy = TestProxy::builder(&fake)
+        .server("workers = 1")
+        .upstream(&format!("ca_file = \"{}\"", ca.display()))
+        .start()
+        .await;
+    proxy.wait_ready().await;
+
+    // Every one arrives before the first TLS handshake ends: one dials,
+    // the others wait for its connection instead of dialing their own.
+    let requests = (0..64).map(|i| {
+        let url = format!("{}/2024-10/advertisers/me?i={i}", proxy.url);
+        tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
+    });
+    for r in requests.collect::<Vec<_>>() {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    let peers: std::collections::HashSet<_> = fake
+        .seen_path("/2024-10/advertisers/me")
+        .iter()
+        .map(|s| s.peer)
+        .collect();
+    assert_eq!(peers.len(), 1, "connections opened: {peers:?}");
+}
+
+#[tokio::test]
 async fn lazy_tenants_fetch_their_first_token_on_first_use() {
     let fake = FakeCriteo::start().await;
     let proxy = TestProxy::builder(&fake)

@@ -473,7 +473,7 @@ impl Proxy {
         }
         match answer {
             None => Err(ProxyError::UpstreamTimeout(timeout)),
-            Some(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
+            Some(Err(e)) => Err(ProxyError::UpstreamUnreachable(error::chain(&e))),
             Some(Ok(mut resp)) => {
                 headers::sanitize_response(resp.headers_mut());
                 if resp.status() == StatusCode::FORBIDDEN {
@@ -597,17 +597,6 @@ fn unavailable(tenant: &Tenant, u: Unavailable) -> ProxyError {
             retry_after: u.retry_after,
         },
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]
