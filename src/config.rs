@@ -24,10 +24,10 @@ pub(crate) mod files;
 mod fuzz;
 mod view;
 
-pub use files::{MAX_CA_FILE, MAX_SECRET_FILE};
+pub(crate) use files::{MAX_CA_FILE, MAX_SECRET_FILE};
 
 /// Prefix of the environment variables that override the file.
-pub const ENV_PREFIX: &str = "CRITEO_PROXY_";
+pub(crate) const ENV_PREFIX: &str = "CRITEO_PROXY_";
 
 // === raw, as written ===
 //
@@ -477,7 +477,7 @@ fn secret_pair(
 
 /// An admin token travels in `Authorization: Bearer …` as-is. (Its
 /// strength is the operator's: `openssl rand -hex 32` makes a good one.)
-pub fn check_admin_token(token: &str) -> Result<(), String> {
+pub(crate) fn check_admin_token(token: &str) -> Result<(), String> {
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("must be printable ASCII without spaces".into());
     }

@@ -16,7 +16,7 @@ use tokio::time::Sleep;
 
 /// The body of a request sent upstream.
 #[derive(Debug)]
-pub enum OutBody {
+pub(crate) enum OutBody {
     /// Complete bytes (cheap to clone for a replay).
     Full(Option<Bytes>),
     /// Streaming: bytes already read, then the rest of the client's body.
@@ -26,7 +26,7 @@ pub enum OutBody {
 
 /// A streamed body's state.
 #[derive(Debug)]
-pub struct Streamed {
+pub(crate) struct Streamed {
     prefix: Option<Bytes>,
     rest: Incoming,
     /// `server.body_read_timeout`: the longest wait for the client's next
@@ -40,7 +40,7 @@ pub struct Streamed {
 
 /// How a streamed body finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     /// Sent to the last byte.
     Complete,
     /// The client sent nothing for `server.body_read_timeout`.
@@ -52,7 +52,7 @@ pub enum End {
 
 /// Why a request body could not be read or sent.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     #[error("reading the request body: {0}")]
     Read(#[from] hyper::Error),
     #[error("the request body sent nothing for {0:?}")]
@@ -60,7 +60,7 @@ pub enum BodyError {
 }
 
 impl OutBody {
-    pub fn full(bytes: Bytes) -> Self {
+    pub(crate) fn full(bytes: Bytes) -> Self {
         if bytes.is_empty() {
             OutBody::Full(None)
         } else {
@@ -70,7 +70,7 @@ impl OutBody {
 
     /// What is left of the client's body, unsent: a streamed body that
     /// will not go upstream after all can still be read and dropped.
-    pub fn into_unsent(self) -> Option<Incoming> {
+    pub(crate) fn into_unsent(self) -> Option<Incoming> {
         match self {
             OutBody::Full(_) => None,
             OutBody::Stream(s) => Some(s.rest),
@@ -177,14 +177,14 @@ impl Body for OutBody {
 
 /// Learns when a streamed body has been sent, and how it ended.
 #[derive(Debug)]
-pub struct BodyEnd {
+pub(crate) struct BodyEnd {
     rx: oneshot::Receiver<End>,
     seen: Option<End>,
 }
 
 impl BodyEnd {
     /// Waits for the body to end (or to be dropped, which ends it too).
-    pub async fn wait(&mut self) -> End {
+    pub(crate) async fn wait(&mut self) -> End {
         if let Some(e) = self.seen {
             return e;
         }
@@ -194,7 +194,7 @@ impl BodyEnd {
     }
 
     /// How the body ended, if it has.
-    pub fn ended(&mut self) -> Option<End> {
+    pub(crate) fn ended(&mut self) -> Option<End> {
         if self.seen.is_none() {
             self.seen = match self.rx.try_recv() {
                 Ok(e) => Some(e),

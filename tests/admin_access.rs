@@ -11,8 +11,8 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use criteo_token_proxy::oauth::consent;
-use criteo_token_proxy::token::State;
+use criteo_token_proxy::State;
+use criteo_token_proxy::consent;
 use serde_json::Value;
 use support::{FakeCriteo, ProxyBuilder, TestProxy, client};
 

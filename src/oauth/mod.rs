@@ -10,8 +10,8 @@
 //! (`refresh.rotation_timeout`): giving up on it while Criteo completes the
 //! rotation anyway would leave the proxy holding a spent token.
 
-pub mod answer;
-pub mod consent;
+pub(crate) mod answer;
+pub(crate) mod consent;
 
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-pub use answer::{Answer, MAX_ANSWER, MAX_LIFETIME};
+pub(crate) use answer::{Answer, MAX_ANSWER, MAX_LIFETIME};
 
 use crate::config::RefreshConfig;
 

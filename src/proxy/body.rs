@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-pub use crate::http::{BodyEnd, BodyError, End, OutBody};
+pub(crate) use crate::http::{BodyEnd, BodyError, End, OutBody};
 
 // === the replay budget ===
 
@@ -26,19 +26,19 @@ pub use crate::http::{BodyEnd, BodyError, End, OutBody};
 /// compare-and-swap, giving back one atomic add: no lock, no waiting (a
 /// body that does not fit streams instead, as an oversized one does).
 #[derive(Debug)]
-pub struct ReplayBudget {
+pub(crate) struct ReplayBudget {
     left: AtomicUsize,
 }
 
 impl ReplayBudget {
-    pub fn new(bytes: usize) -> Self {
+    pub(crate) fn new(bytes: usize) -> Self {
         Self {
             left: AtomicUsize::new(bytes),
         }
     }
 
     /// An empty reservation, given back whole when dropped.
-    pub fn reserve(&self) -> Reservation<'_> {
+    pub(crate) fn reserve(&self) -> Reservation<'_> {
         Reservation {
             budget: self,
             bytes: 0,
@@ -56,7 +56,7 @@ impl ReplayBudget {
 
 /// Bytes of the budget held by one request until it ends.
 #[derive(Debug)]
-pub struct Reservation<'a> {
+pub(crate) struct Reservation<'a> {
     budget: &'a ReplayBudget,
     bytes: usize,
 }
@@ -87,7 +87,7 @@ impl Drop for Reservation<'_> {
 
 /// A client's body, read as far as needed to know whether it can be replayed.
 #[derive(Debug)]
-pub enum Prepared {
+pub(crate) enum Prepared {
     Replayable(Bytes),
     Streaming(OutBody, BodyEnd),
 }
@@ -95,7 +95,7 @@ pub enum Prepared {
 /// Reads the body if it fits in `limit` and in the budget (held in `kept`
 /// until the caller drops it), or starts streaming it. `gap` bounds every
 /// wait for the client's next bytes.
-pub async fn prepare(
+pub(crate) async fn prepare(
     mut body: Incoming,
     limit: usize,
     kept: &mut Reservation<'_>,

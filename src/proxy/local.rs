@@ -30,7 +30,7 @@ use crate::tenant::{Tenant, Tenants};
 
 /// Every placeholder starts with this, then the tenant's name
 /// (percent-encoded where it is not a plain token character).
-pub const PLACEHOLDER_PREFIX: &str = "criteo-token-proxy.";
+pub(crate) const PLACEHOLDER_PREFIX: &str = "criteo-token-proxy.";
 /// `Authorization: Bearer <placeholder>`, as the SDKs send it.
 const BEARER_PLACEHOLDER: &[u8] = b"bearer criteo-token-proxy.";
 /// The largest token request body read; a real one is a few hundred bytes.
@@ -141,7 +141,7 @@ fn percent_decode(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// The placeholder that names `tenant`.
-pub fn placeholder(tenant: &str) -> String {
+pub(crate) fn placeholder(tenant: &str) -> String {
     let mut out = String::from(PLACEHOLDER_PREFIX);
     out.extend(url::form_urlencoded::byte_serialize(tenant.as_bytes()));
     out

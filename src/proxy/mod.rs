@@ -4,7 +4,7 @@
 //! has been read leaves its connection usable ([`Proxy::settle`]).
 
 mod body;
-pub mod headers;
+pub(crate) mod headers;
 mod local;
 
 use std::sync::Arc;
@@ -23,8 +23,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tracing::Level;
 
-pub use body::{BodyEnd, BodyError, End, OutBody, Prepared, ReplayBudget, prepare};
-pub use local::{PLACEHOLDER_PREFIX, placeholder};
+pub(crate) use body::{BodyEnd, BodyError, End, OutBody, Prepared, ReplayBudget, prepare};
 
 use crate::config::Config;
 use crate::error::{self, ProxyError};
@@ -35,7 +34,7 @@ use crate::upstream::{Slot, Upstream, UpstreamBody};
 
 /// What the proxy listener answers: Criteo's streamed body, or the
 /// proxy's own small JSON.
-pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
+pub(crate) type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// How much of a 401's body is read (and dropped) before the replay, so
 /// that the pooled connection can be reused.
@@ -55,7 +54,7 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 const LINGER_LIMIT: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     /// Replaced whole on a configuration reload.
     tenants: Arc<ArcSwap<Tenants>>,
     upstream: Upstream,
@@ -120,7 +119,7 @@ impl Failed {
 }
 
 impl Proxy {
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         tenants: Arc<ArcSwap<Tenants>>,
         upstream: Upstream,
@@ -139,7 +138,7 @@ impl Proxy {
     }
 
     /// The same settings with another upstream pool (one per worker).
-    pub fn with_upstream(&self, upstream: Upstream) -> Self {
+    pub(crate) fn with_upstream(&self, upstream: Upstream) -> Self {
         Self {
             upstream,
             ..self.clone()
@@ -147,7 +146,7 @@ impl Proxy {
     }
 
     /// Answers one client request. Never fails: errors become JSON answers.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
         if req.method() == Method::CONNECT
             || (req.method() == Method::OPTIONS && req.uri().path() == "*")
@@ -473,7 +472,10 @@ impl Proxy {
         }
         match answer {
             None => Err(ProxyError::UpstreamTimeout(timeout)),
-            Some(Err(e)) => Err(ProxyError::UpstreamUnreachable(error::chain(&e))),
+            Some(Err(e)) => {
+                tracing::debug!(written = e.maybe_written(), error = %e, "upstream request failed");
+                Err(ProxyError::UpstreamUnreachable(error::chain(&e)))
+            }
             Some(Ok(mut resp)) => {
                 headers::sanitize_response(resp.headers_mut());
                 if resp.status() == StatusCode::FORBIDDEN {
@@ -545,7 +547,7 @@ fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: OutBody) -> Requ
 }
 
 /// The target of the one line logged per request.
-pub const ACCESS_LOG: &str = "criteo_token_proxy::access";
+pub(crate) const ACCESS_LOG: &str = "criteo_token_proxy::access";
 
 /// One line per request: tenant, method, path, status, total and upstream
 /// latency (time to response headers). The query string can carry

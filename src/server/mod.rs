@@ -76,6 +76,8 @@ pub enum StartError {
     TokenClient(#[from] reqwest::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot start the proxy workers")]
+    Workers(#[source] std::io::Error),
 }
 
 /// A built proxy, ready to serve.
@@ -175,8 +177,13 @@ impl App {
         self
     }
 
-    /// Serves until `shutdown` completes, then drains and returns.
-    pub async fn run(mut self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` completes, then drains and returns; fails
+    /// only when serving could not start.
+    pub async fn run(
+        mut self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
         let first = self.tenants.load_full();
         for t in first.iter() {
             if let Some(cfg) = self.config.tenants.iter().find(|c| *c.name == *t.name) {
@@ -215,10 +222,7 @@ impl App {
             &self.limits,
         ) {
             Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the proxy workers");
-                return;
-            }
+            Err(e) => return Err(StartError::Workers(e)),
         };
         let admin_drain = Drain::new();
         let builder = worker::http_builder(&self.limits);
@@ -333,6 +337,7 @@ impl App {
         // (a rotation, whose new refresh token must reach the store) gets
         // until the deadline to finish it.
         refreshers.stop_all(deadline).await;
+        Ok(())
     }
 
     /// The current tenant set.
@@ -405,16 +410,6 @@ impl Refused {
             ),
         }
     }
-}
-
-/// Builds and runs the proxy on the given listeners until `shutdown`.
-pub async fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
-    App::new(config)?.run(listeners, shutdown).await;
-    Ok(())
 }
 
 #[cfg(unix)]

@@ -70,7 +70,7 @@ pub struct TokenStore {
 
 /// Checks `store.path` for the configuration: its folder (after resolving
 /// symbolic links) exists and is not writable by every user.
-pub fn check_location(path: &Path) -> Result<(), String> {
+pub(crate) fn check_location(path: &Path) -> Result<(), String> {
     let resolved = disk::resolve(path).map_err(|e| e.to_string())?;
     disk::check_folder(disk::parent(&resolved)).map(drop)
 }

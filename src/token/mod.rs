@@ -4,7 +4,7 @@
 
 mod cell;
 mod refresh_grant;
-pub mod refresher;
+pub(crate) mod refresher;
 mod source;
 
 use std::fmt;
@@ -15,9 +15,10 @@ use http::HeaderValue;
 use rand::Rng;
 use secrecy::ExposeSecret;
 
-pub use cell::{Health, State, TokenCell, Unavailable};
-pub use refresh_grant::RefreshGrant;
-pub use source::TokenSource;
+pub(crate) use cell::{Health, Unavailable};
+pub use cell::{State, TokenCell};
+pub(crate) use refresh_grant::RefreshGrant;
+pub(crate) use source::TokenSource;
 
 use crate::oauth::{Granted, MAX_LIFETIME};
 
@@ -147,7 +148,7 @@ impl Token {
 /// that clock skew and transit time never let an expired token through.
 /// Total: any input gives an answer (lifetimes past [`MAX_LIFETIME`] count
 /// as that), never a panic.
-pub fn schedule(lifetime: Duration, at_fraction: f64, jitter: f64) -> (Duration, Duration) {
+pub(crate) fn schedule(lifetime: Duration, at_fraction: f64, jitter: f64) -> (Duration, Duration) {
     let lifetime = lifetime.min(MAX_LIFETIME);
     let at_fraction = if at_fraction.is_nan() {
         0.8

@@ -50,7 +50,7 @@ fn later(d: Duration) -> Instant {
 /// First pause after a transient failure; doubles up to `max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
-pub async fn run(
+pub(crate) async fn run(
     tenant: Arc<Tenant>,
     source: TokenSource,
     cfg: RefreshConfig,

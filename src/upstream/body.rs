@@ -18,7 +18,7 @@ use crate::http::OutBody;
 /// that takes its connection with it (hyper closes it). The request's slot
 /// is given back at the same moment.
 #[derive(Debug)]
-pub struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     inner: Incoming,
     home: Option<http1::SendRequest<OutBody>>,
     slot: Option<Slot>,

@@ -31,8 +31,8 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::client::conn::http1;
 
-pub use body::UpstreamBody;
-pub use pool::Slot;
+pub(crate) use body::UpstreamBody;
+pub(crate) use pool::Slot;
 use pool::{Conn, Pool, Waiting};
 
 use crate::config::UpstreamConfig;
@@ -49,7 +49,7 @@ pub enum UpstreamError {
 /// Why a request did not get a response from the upstream. Only
 /// [`SendError::Request`] may have reached the upstream.
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// TCP or TLS failed: nothing was written.
     #[error("cannot connect")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -68,7 +68,7 @@ pub enum SendError {
 impl SendError {
     /// Whether any of the request may have reached the upstream (a
     /// request that was not is safe to send again).
-    pub fn maybe_written(&self) -> bool {
+    pub(crate) fn maybe_written(&self) -> bool {
         matches!(self, SendError::Request(_))
     }
 }
@@ -76,12 +76,12 @@ impl SendError {
 /// Every slot of the worker stayed taken for the whole wait.
 #[derive(Debug, thiserror::Error)]
 #[error("every upstream connection stayed busy for {0:?}")]
-pub struct Busy(pub Duration);
+pub(crate) struct Busy(pub Duration);
 
 /// Where requests go, and the pool that takes them there. Cloning shares
 /// the pool.
 #[derive(Debug, Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     inner: Arc<Pool>,
     /// A path prefix of `upstream.url` without its trailing slash, if any.
     base_path: Option<Arc<str>>,
@@ -89,7 +89,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamError> {
+    pub(crate) fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamError> {
         let uri: Uri = cfg
             .url
             .as_str()
@@ -127,13 +127,13 @@ impl Upstream {
     }
 
     /// Bound on the wait for the upstream's response headers.
-    pub fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 
     /// The upstream request target (origin form) for a request's path and
     /// query. Without a base path this copies nothing but a refcount.
-    pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+    pub(crate) fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let pq = match (&self.base_path, pq) {
             (None, Some(pq)) => pq.clone(),
             (None, None) => PathAndQuery::from_static("/"),
@@ -149,7 +149,7 @@ impl Upstream {
     /// `upstream.connect_timeout` when the worker has none free. Taken
     /// before the client's body is read, so that a busy answer leaves it
     /// unread (and drainable).
-    pub async fn acquire(&self) -> Result<Slot, Busy> {
+    pub(crate) async fn acquire(&self) -> Result<Slot, Busy> {
         if self.inner.try_take() {
             return Ok(Slot(Arc::clone(&self.inner)));
         }
@@ -182,7 +182,7 @@ impl Upstream {
     /// could not take (it had just closed) goes on another one; a request
     /// that was written is never sent twice. The slot stays with the
     /// response body until it ends.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         slot: Slot,
         mut req: Request<OutBody>,

@@ -106,7 +106,7 @@ pub(super) enum Conn {
 /// One request's place under `upstream.max_connections`, given back when
 /// dropped.
 #[derive(Debug)]
-pub struct Slot(pub(super) Arc<Pool>);
+pub(crate) struct Slot(pub(super) Arc<Pool>);
 
 impl Drop for Slot {
     fn drop(&mut self) {

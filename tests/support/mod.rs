@@ -9,8 +9,7 @@ pub mod raw;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criteo_token_proxy::tenant::Tenants;
-use criteo_token_proxy::{App, Config, Listeners};
+use criteo_token_proxy::{App, Config, Listeners, Tenants};
 pub use fake_criteo::FakeCriteo;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -215,9 +214,14 @@ impl ProxyBuilder {
         let app = App::new(config).unwrap();
         let tenants = app.tenants();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run(listeners, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(async move {
+            let stopped = async move {
+                let _ = rx.await;
+            };
+            app.run(listeners, stopped)
+                .await
+                .expect("the server starts");
+        });
         TestProxy {
             url,
             admin,
