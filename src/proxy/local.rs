@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use tracing::Level;
 
+use super::asked::Asked;
 use super::{ACCESS_LOG, Failed, Proxy, ResponseBody, access_log};
 use crate::error::{ProxyError, json_response};
 use crate::tenant::{Tenant, Tenants};
@@ -275,19 +276,15 @@ impl Proxy {
             }
         };
         let form = TokenForm::parse(&body);
-        let requested = parts
-            .headers
-            .get(&self.tenant_header)
-            .map(|v| v.to_str().map_or("<not text>", str::trim));
         let tenants = self.tenants.load();
-        let tenant = match requested {
-            Some(name) => tenants.choose(Some(name)).cloned().ok_or_else(|| {
-                ProxyError::UnknownTenant(format!(
-                    "tenant {name:?} is not configured (header {})",
-                    self.tenant_header
-                ))
-            }),
-            None => self.tenant_for_form(&tenants, &form),
+        let tenant = if parts.headers.contains_key(&self.tenant_header) {
+            let asked = Asked::from(&parts.headers, &self.tenant_header);
+            asked
+                .lookup(&tenants)
+                .cloned()
+                .ok_or_else(|| asked.unknown(&self.tenant_header))
+        } else {
+            self.tenant_for_form(&tenants, &form)
         }
         .map_err(Failed::read)?;
         tracing::debug!(
