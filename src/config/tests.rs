@@ -1,3 +1,6 @@
+//! Validation and loading, end to end: every bad key named.
+#![allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+
 use super::*;
 use figment::Jail;
 use secrecy::ExposeSecret;
