@@ -193,11 +193,7 @@ async fn callbacks_stay_open_when_an_admin_token_is_set() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
-    let resp = client()
-        .get(format!("{}/2024-10/advertisers/me", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/2024-10/advertisers/me").await;
     assert_eq!(resp.status(), 200, "the tenant serves at once");
 }
 

@@ -95,6 +95,25 @@ impl TestProxy {
         }
     }
 
+    /// `GET` on the proxy listener: the request most tests send.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET` on the proxy listener for `tenant` (by the tenant header).
+    pub async fn get_as(&self, tenant: &str, path: &str) -> reqwest::Response {
+        client()
+            .get(format!("{}{path}", self.url))
+            .header("X-Criteo-Tenant", tenant)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         client()
             .get(format!("{}/metrics", self.admin))
