@@ -3,7 +3,7 @@
 //! ([`Failure`]); `main.rs` only dispatches and maps those to codes.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use secrecy::ExposeSecret;
@@ -202,9 +202,7 @@ fn make_consent_url(config_path: Option<&Path>, args: &ConsentUrlArgs) -> Result
         Some(p) => Some(load(Some(p))?),
         None => None,
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::admin::onboarding::unix_now();
     if let Some(name) = &args.tenant {
         if args.valid_for > MAX_VALID_FOR {
             return Err(usage(&format!(

@@ -119,10 +119,6 @@ impl TokenEndpoint {
         })
     }
 
-    pub fn url(&self) -> &Url {
-        &self.url
-    }
-
     /// `grant_type=client_credentials`.
     pub async fn client_credentials(
         &self,
@@ -210,7 +206,7 @@ impl TokenEndpoint {
             // again at once presents nothing twice. Any other failure may
             // have reached Criteo, and waits for the refresher's back-off.
             Err(e) if e.is_connect() => {
-                tracing::debug!(error = %describe_reqwest(&e), "cannot connect to the token endpoint; trying again at once");
+                tracing::debug!(error = %crate::error::chain(&e), "cannot connect to the token endpoint; trying again at once");
                 request()
                     .await
                     .map_err(|e| GrantError::Transient(transport(&e, timeout)))
@@ -310,21 +306,9 @@ fn transport(e: &reqwest::Error, timeout: Duration) -> String {
             humantime::format_duration(timeout)
         )
     } else {
-        describe_reqwest(e)
+        // reqwest's errors name the URL, never the form body.
+        crate::error::chain(e)
     }
-}
-
-/// reqwest's errors name the URL, never the form body.
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]
