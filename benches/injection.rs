@@ -16,11 +16,7 @@ use std::hint::black_box;
 use std::sync::{Arc, Barrier, RwLock};
 use std::time::{Duration, Instant};
 
-use criteo_token_proxy::config::Config;
-use criteo_token_proxy::metrics::Metrics;
-use criteo_token_proxy::oauth::Granted;
-use criteo_token_proxy::tenant::Tenants;
-use criteo_token_proxy::token::{Token, TokenCell};
+use criteo_token_proxy::{Config, Granted, Metrics, Tenants, Token, TokenCell};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, USER_AGENT};
 

@@ -63,7 +63,11 @@ async fn proxy(upstream: &str) -> String {
     let url = format!("http://{}", listeners.proxy.local_addr().unwrap());
     let app = App::new(config).unwrap();
     let tenants = app.tenants();
-    tokio::spawn(app.run(listeners, std::future::pending()));
+    tokio::spawn(async move {
+        app.run(listeners, std::future::pending())
+            .await
+            .expect("the proxy starts")
+    });
     for t in tenants.iter() {
         t.tokens
             .wait_usable(0, Duration::from_secs(10))

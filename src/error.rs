@@ -10,18 +10,18 @@ use http::{HeaderName, Response, StatusCode};
 use http_body_util::Full;
 
 /// Header that marks a response made by the proxy, not by Criteo.
-pub const PROXY_ERROR_HEADER: HeaderName = HeaderName::from_static("x-criteo-proxy-error");
+pub(crate) const PROXY_ERROR_HEADER: HeaderName = HeaderName::from_static("x-criteo-proxy-error");
 
 /// The longest `Retry-After` the proxy sends, whatever the cause. Clients
 /// such as urllib3 and `curl --retry` sleep for as long as they are told,
 /// and asking again is cheap (the proxy answers from its own state).
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// The methods the proxy forwards (CONNECT is answered locally).
 pub(crate) const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// The request named no tenant, or one that is not configured.
     #[error("{0}")]
     UnknownTenant(String),
@@ -66,7 +66,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::UnknownTenant(_) | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConsentRequired(_) | ProxyError::TokenUnavailable { .. } => {
@@ -82,7 +82,7 @@ impl ProxyError {
     }
 
     /// The stable code clients and dashboards match on.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ProxyError::UnknownTenant(_) => "unknown_tenant",
             ProxyError::ConsentRequired(_) => "consent_required",
@@ -107,7 +107,7 @@ impl ProxyError {
     }
 
     /// `{"error": code, "message": …, "tenant": …}` with the marker header.
-    pub fn to_response(&self, tenant: Option<&str>) -> Response<Full<Bytes>> {
+    pub(crate) fn to_response(&self, tenant: Option<&str>) -> Response<Full<Bytes>> {
         let body = serde_json::json!({
             "error": self.code(),
             "message": self.to_string(),
@@ -128,7 +128,10 @@ impl ProxyError {
 }
 
 /// A small JSON response (admin answers and proxy errors).
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+pub(crate) fn json_response(
+    status: StatusCode,
+    value: &serde_json::Value,
+) -> Response<Full<Bytes>> {
     let mut bytes = serde_json::to_vec(value).unwrap_or_default();
     bytes.push(b'\n');
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
@@ -140,11 +143,24 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
 
 /// The answer to `OPTIONS *` (a question about the proxy itself, which
 /// names no resource to forward): what it forwards, and no body.
-pub fn options_asterisk() -> Response<Full<Bytes>> {
+pub(crate) fn options_asterisk() -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     resp.headers_mut()
         .insert(ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
     resp
+}
+
+/// An error and its sources, `: `-separated: what a log line or an answer
+/// says about an error from a library that nests them.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
 }
 
 #[cfg(test)]

@@ -1,24 +1,39 @@
 //! criteo-token-proxy: plain HTTP in, `Authorization: Bearer …` added,
 //! forwarded to the Criteo API. Tokens come from a lock-free per-tenant
-//! cache ([`token::TokenCell`]) that a background task per tenant
-//! ([`token::refresher`]) renews before expiry; an upstream 401 retires the
-//! token and the request is replayed once with a fresh one.
+//! cache ([`TokenCell`]) that a background task per tenant renews before
+//! expiry; an upstream 401 retires the token and the request is replayed
+//! once with a fresh one.
 //!
-//! [`run`] takes its listeners and a shutdown future, so embedders and
-//! tests bind their own sockets.
+//! The public API is small on purpose: the binary's commands ([`cli`]),
+//! [`App::run`], which takes its listeners and a shutdown future (so
+//! embedders and tests bind their own sockets), and what tests and
+//! benchmarks look at (the tenants and their token cells, consent states).
+//! Everything else is `pub(crate)`.
 
-pub mod admin;
-pub mod config;
-pub mod dev;
-pub mod error;
-pub mod metrics;
-pub mod oauth;
-pub mod proxy;
-pub mod server;
-pub mod store;
-pub mod tenant;
-pub mod token;
-pub mod upstream;
+pub mod cli;
+
+pub(crate) mod admin;
+pub(crate) mod config;
+pub(crate) mod dev;
+pub(crate) mod error;
+pub(crate) mod http;
+pub(crate) mod metrics;
+pub(crate) mod oauth;
+pub(crate) mod proxy;
+pub(crate) mod server;
+pub(crate) mod store;
+pub(crate) mod tenant;
+pub(crate) mod token;
+pub(crate) mod upstream;
 
 pub use config::{Config, ConfigError};
-pub use server::{App, Listeners, run};
+pub use metrics::Metrics;
+pub use oauth::Granted;
+pub use server::{App, Listeners, StartError};
+pub use tenant::{Tenant, Tenants};
+pub use token::{State, Token, TokenCell};
+
+/// Consent states, as the admin listener issues and checks them.
+pub mod consent {
+    pub use crate::oauth::consent::{STATE_TTL, issue_state};
+}

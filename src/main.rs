@@ -1,18 +1,10 @@
-//! The `criteo-token-proxy` command: parse the command line, load and
-//! validate the configuration before binding anything, run until SIGTERM or
-//! SIGINT, and map failures to exit codes.
+//! The `criteo-token-proxy` command: dispatch to the command asked for
+//! (`cli.rs` of the library) and map its failure to an exit code.
 
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand, ValueEnum};
-use criteo_token_proxy::config::{Grant, SecretSource};
-use criteo_token_proxy::dev;
-use criteo_token_proxy::oauth::consent;
-use criteo_token_proxy::{App, Config, Listeners};
-use secrecy::ExposeSecret;
-use tracing_subscriber::EnvFilter;
+use clap::Parser;
+use criteo_token_proxy::cli::{self, Cli, Command, Failure};
 
 /// mimalloc: measured against glibc's malloc on the nginx comparison, it
 /// takes fewer instructions per request (see the README's Performance
@@ -21,361 +13,31 @@ use tracing_subscriber::EnvFilter;
 /// pages and peak memory would nearly double.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use url::Url;
 
 /// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
 /// Exit code for a command line that cannot be used (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
-/// Longest `consent-url --valid-for`: a consent link is a credential.
-const MAX_VALID_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
-
-#[derive(Debug, Parser)]
-#[command(version, about = "A token-refreshing reverse proxy for the Criteo API")]
-struct Cli {
-    /// The TOML configuration file.
-    #[arg(long, global = true, env = "CRITEO_PROXY_CONFIG", value_name = "PATH")]
-    config: Option<PathBuf>,
-
-    /// Log format: human-readable text, or one JSON object per line.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CRITEO_PROXY_LOG_FORMAT")]
-    log_format: LogFormat,
-
-    /// Run a sandbox: an embedded stand-in for Criteo on loopback and the
-    /// proxy in front of it, with a demo tenant. No credentials needed;
-    /// nothing reaches Criteo.
-    #[arg(long, conflicts_with = "config")]
-    dev: bool,
-
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Validate the configuration and print it with every secret redacted.
-    CheckConfig,
-    /// Print a consent URL: for a refresh-token tenant (--tenant), or a
-    /// signed one for a client-credentials app (--state, --redirect-uri).
-    ConsentUrl(ConsentUrlArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct ConsentUrlArgs {
-    /// A `grant = "refresh_token"` tenant of the configuration.
-    #[arg(long, conflicts_with_all = ["signing_key", "signing_secret_file", "state", "redirect_uri", "timestamp"])]
-    tenant: Option<String>,
-    /// How long the link's state stays valid (--tenant only).
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-    valid_for: Duration,
-    /// Public signing key of the app's connector (else `consent.signing_key`).
-    #[arg(long)]
-    signing_key: Option<String>,
-    /// File holding the secret signing key (else `consent.signing_secret(_file)`).
-    #[arg(long, value_name = "PATH")]
-    signing_secret_file: Option<PathBuf>,
-    /// Returned as-is in Criteo's consent callback (e.g. your user's id).
-    #[arg(long)]
-    state: Option<String>,
-    /// Where Criteo sends the person after consent.
-    #[arg(long)]
-    redirect_uri: Option<String>,
-    /// Unix seconds to sign (default: now).
-    #[arg(long)]
-    timestamp: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 fn main() -> ExitCode {
     // Best effort: an old kernel or a seccomp filter may refuse it, which
     // costs memory, not correctness.
     let _ = nix::sys::prctl::set_thp_disable(true);
-    let cli = Cli::parse();
-    if let Some(Command::ConsentUrl(args)) = &cli.command {
-        return match consent_url(cli.config.as_deref(), args) {
-            Ok(url) => {
-                println!("{url}");
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        };
-    }
-    if cli.dev {
-        if cli.command.is_some() {
+    let args = Cli::parse();
+    let done = match &args.command {
+        Some(Command::ConsentUrl(consent)) => cli::consent_url(args.config.as_deref(), consent),
+        Some(_) if args.dev => {
             eprintln!("criteo-token-proxy: --dev runs the sandbox and takes no subcommand");
-            return ExitCode::from(EXIT_USAGE);
+            Err(Failure::Usage)
         }
-        return run_dev(cli.log_format);
-    }
-    let config_path = cli.config.clone();
-    let config = match load(cli.config.as_deref()) {
-        Ok(c) => c,
-        Err(code) => return code,
+        Some(Command::CheckConfig) => cli::check_config(args.config.as_deref()),
+        None if args.dev => cli::dev(args.log_format),
+        None => cli::proxy(args.config, args.log_format),
     };
-    if let Some(Command::CheckConfig) = cli.command {
-        return check_config(&config);
-    }
-    init_tracing(cli.log_format);
-    for warning in config.warnings() {
-        tracing::warn!("{warning}");
-    }
-    match main_runtime() {
-        Ok(runtime) => runtime.block_on(serve(config, config_path, |_| {})),
-        Err(code) => code,
-    }
-}
-
-/// The main runtime. The proxy listener is served by its own worker
-/// threads (one single-threaded runtime each); this one runs the acceptor,
-/// the admin listener and the token refreshers, which are light.
-fn main_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("criteo-token-proxy: cannot start the runtime: {e}");
-            ExitCode::FAILURE
-        })
-}
-
-/// Binds the listeners, tells `announce` where, and serves until SIGTERM or
-/// SIGINT. With `reload`, SIGHUP or a change to that file (or a secret file
-/// it names) reloads the configuration.
-async fn serve(
-    config: Config,
-    reload: Option<PathBuf>,
-    announce: impl FnOnce(&Listeners),
-) -> ExitCode {
-    let shutdown = shutdown_signal();
-    let listeners = match Listeners::bind(&config).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let app = match App::new(config) {
-        Ok(app) => app,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    announce(&listeners);
-    let app = match reload {
-        Some(path) => app.reload_from(path),
-        None => app,
-    };
-    app.run(listeners, shutdown).await;
-    ExitCode::SUCCESS
-}
-
-/// `--dev`: the sandbox stand-in and the real proxy in front of it.
-fn run_dev(log_format: LogFormat) -> ExitCode {
-    init_tracing(log_format);
-    let runtime = match main_runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    runtime.block_on(async {
-        let sandbox = match dev::start().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cannot start the sandbox: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let config = match Config::from_toml_with_env(&sandbox.config_toml()) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("criteo-token-proxy: invalid configuration:");
-                for p in &e.problems {
-                    eprintln!("  {p}");
-                }
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        };
-        serve(config, None, |listeners| {
-            let addr = |l: &tokio::net::TcpListener| l.local_addr().ok();
-            tracing::warn!(
-                sandbox = %sandbox.addr(),
-                "SANDBOX MODE (--dev): requests go to an embedded stand-in for Criteo with fake tokens and data, never to Criteo"
-            );
-            if let (Some(proxy), Some(admin)) = (addr(&listeners.proxy), addr(&listeners.admin)) {
-                println!("{}", sandbox.banner(proxy, admin));
-            }
-        })
-        .await
-    })
-}
-
-/// `check-config`: the effective configuration on stdout (valid input
-/// again), warnings and the verdict on stderr.
-fn check_config(config: &Config) -> ExitCode {
-    match config.redacted_toml() {
-        Ok(text) => print!("{text}"),
-        Err(e) => {
-            eprintln!("criteo-token-proxy: cannot print the configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    }
-    for warning in config.warnings() {
-        eprintln!("warning: {warning}");
-    }
-    eprintln!("configuration is valid");
-    ExitCode::SUCCESS
-}
-
-fn load(path: Option<&Path>) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
-        eprintln!("criteo-token-proxy: invalid configuration:");
-        for p in &e.problems {
-            eprintln!("  {p}");
-        }
-        ExitCode::from(EXIT_CONFIG)
-    })
-}
-
-fn usage(msg: &str) -> ExitCode {
-    eprintln!("criteo-token-proxy consent-url: {msg}");
-    ExitCode::from(EXIT_USAGE)
-}
-
-/// The `consent-url` command.
-fn consent_url(config_path: Option<&Path>, args: &ConsentUrlArgs) -> Result<String, ExitCode> {
-    let config = match config_path {
-        Some(p) => Some(load(Some(p))?),
-        None => None,
-    };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if let Some(name) = &args.tenant {
-        if args.valid_for > MAX_VALID_FOR {
-            return Err(usage(&format!(
-                "--valid-for must be at most {}",
-                humantime::format_duration(MAX_VALID_FOR)
-            )));
-        }
-        let Some(config) = config else {
-            return Err(usage("--tenant needs --config"));
-        };
-        let Some(t) = config.tenants.iter().find(|t| &t.name == name) else {
-            return Err(usage(&format!("tenant {name:?} is not configured")));
-        };
-        if t.grant != Grant::RefreshToken {
-            return Err(usage(&format!(
-                "tenant {name:?} uses client credentials; it needs no consent URL (see --signing-key for programmatic consent)"
-            )));
-        }
-        let key = t
-            .client_secret
-            .load()
-            .map_err(|e| usage(&format!("tenants.{name}.client_secret: {e}")))?;
-        let state = consent::issue_state(key.expose_secret().as_bytes(), name, now, args.valid_for);
-        let url = consent::authorize_url(
-            &config.upstream.consent_url,
-            &t.client_id,
-            t.redirect_uri.as_deref().unwrap_or_default(),
-            &state,
-        );
-        return Ok(url.to_string());
-    }
-
-    let (Some(state), Some(redirect_uri)) = (&args.state, &args.redirect_uri) else {
-        return Err(usage(
-            "give --tenant NAME (authorization-code tenant), or --state and --redirect-uri (signed URL for a client-credentials app)",
-        ));
-    };
-    let from_config = config.as_ref().and_then(|c| c.consent.as_ref());
-    let Some(key) = args
-        .signing_key
-        .clone()
-        .or_else(|| from_config.map(|c| c.signing_key.clone()))
-    else {
-        return Err(usage(
-            "no signing key: give --signing-key or set consent.signing_key",
-        ));
-    };
-    let secret = match (&args.signing_secret_file, from_config) {
-        (Some(p), _) => SecretSource::File(p.clone()).load(),
-        (None, Some(c)) => c.signing_secret.load(),
-        (None, None) => {
-            return Err(usage(
-                "no signing secret: give --signing-secret-file or set consent.signing_secret_file",
-            ));
-        }
-    }
-    .map_err(|e| usage(&format!("signing secret: {e}")))?;
-    let base = config.as_ref().map_or_else(
-        || Url::parse("https://consent.criteo.com/request").expect("valid URL"),
-        |c| c.upstream.consent_url.clone(),
-    );
-    Ok(consent::signed_consent_url(
-        &base,
-        &key,
-        secret.expose_secret().as_bytes(),
-        args.timestamp.unwrap_or(now),
-        state,
-        redirect_uri,
-    ))
-}
-
-/// Logs go to stderr; colour only when that is a terminal (a file, a pipe
-/// or a log collector gets plain text) and `NO_COLOR` is not set.
-fn init_tracing(format: LogFormat) {
-    use std::io::IsTerminal;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let colour = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C). The handlers are
-/// installed now, not when the future is first polled: a signal that
-/// arrives just after the listeners are announced must still drain
-/// gracefully instead of killing the process.
-#[cfg(unix)]
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let mut int = signal(SignalKind::interrupt()).ok();
-    async move {
-        tokio::select! {
-            () = next(&mut int) => tracing::info!("SIGINT received"),
-            () = next(&mut term) => tracing::info!("SIGTERM received"),
-        }
-    }
-}
-
-/// The next delivery of a signal; never, when its handler could not be
-/// installed.
-#[cfg(unix)]
-async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
-    match signal {
-        Some(s) => {
-            s.recv().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-#[cfg(not(unix))]
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("SIGINT received");
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config) => ExitCode::from(EXIT_CONFIG),
+        Err(Failure::Usage) => ExitCode::from(EXIT_USAGE),
+        Err(Failure::Runtime) => ExitCode::FAILURE,
     }
 }

@@ -11,8 +11,8 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use criteo_token_proxy::oauth::consent;
-use criteo_token_proxy::token::State;
+use criteo_token_proxy::State;
+use criteo_token_proxy::consent;
 use serde_json::Value;
 use support::{FakeCriteo, ProxyBuilder, TestProxy, client};
 
@@ -193,11 +193,7 @@ async fn callbacks_stay_open_when_an_admin_token_is_set() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
-    let resp = client()
-        .get(format!("{}/2024-10/advertisers/me", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/2024-10/advertisers/me").await;
     assert_eq!(resp.status(), 200, "the tenant serves at once");
 }
 

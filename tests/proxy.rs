@@ -73,11 +73,7 @@ async fn streams_a_large_response_without_buffering_it() {
 
     // `/gated` sends its first chunk, then holds the rest until released:
     // the client can only see that chunk if the proxy streams.
-    let mut resp = client()
-        .get(format!("{}/gated?bytes={total}", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = proxy.get(&format!("/gated?bytes={total}")).await;
     assert_eq!(resp.status(), 200);
     let first = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
         .await
@@ -125,23 +121,8 @@ async fn the_tenant_comes_from_the_header_or_the_default() {
             .unwrap()
             .to_owned()
     };
-    let acme = who(json(
-        client()
-            .get(format!("{}/x", proxy.url))
-            .header("X-Criteo-Tenant", "acme")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await);
-    let main = who(json(
-        client()
-            .get(format!("{}/x", proxy.url))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await);
+    let acme = who(json(proxy.get_as("acme", "/x").await).await);
+    let main = who(json(proxy.get("/x").await).await);
     assert_ne!(acme, main, "each tenant has its own token");
     let main_again = who(json(
         client()
@@ -159,12 +140,7 @@ async fn the_tenant_comes_from_the_header_or_the_default() {
 async fn an_unknown_tenant_gets_a_400_and_nothing_is_forwarded() {
     let fake = FakeCriteo::start().await;
     let proxy = TestProxy::ready(&fake).await;
-    let resp = client()
-        .get(format!("{}/2024-10/advertisers/me", proxy.url))
-        .header("X-Criteo-Tenant", "nobody")
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get_as("nobody", "/2024-10/advertisers/me").await;
     assert_eq!(resp.status(), 400);
     assert_eq!(resp.headers()["x-criteo-proxy-error"], "unknown_tenant");
     assert_eq!(resp.headers()["content-type"], "application/json");
@@ -187,11 +163,7 @@ async fn without_a_default_tenant_the_header_is_required() {
         .start()
         .await;
     proxy.wait_ready().await;
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x").await;
     assert_eq!(resp.status(), 400);
     let body = json(resp).await;
     let msg = body["message"].as_str().unwrap().to_ascii_lowercase();
@@ -296,11 +268,7 @@ async fn replays_once_on_401_with_a_fresh_token_and_the_same_body() {
 async fn a_persistent_401_is_replayed_exactly_once_and_returned_unchanged() {
     let fake = FakeCriteo::start().await;
     let proxy = TestProxy::ready(&fake).await;
-    let resp = client()
-        .get(format!("{}/always-401", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/always-401").await;
     assert_eq!(resp.status(), 401);
     assert!(
         resp.headers().get("x-criteo-proxy-error").is_none(),
@@ -341,11 +309,7 @@ async fn concurrent_401s_share_one_token_refresh() {
 async fn a_403_is_passed_through_and_never_retried() {
     let fake = FakeCriteo::start().await;
     let proxy = TestProxy::ready(&fake).await;
-    let resp = client()
-        .get(format!("{}/forbidden", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/forbidden").await;
     assert_eq!(resp.status(), 403);
     assert!(resp.headers().get("x-criteo-proxy-error").is_none());
     assert_eq!(fake.seen_path("/forbidden").len(), 1);
@@ -456,11 +420,7 @@ async fn token_endpoint_outage_answers_503_fast_and_recovers() {
 
     fake.set_outage(false);
     proxy.wait_ready().await;
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x").await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -479,11 +439,7 @@ async fn rejected_credentials_are_reported_and_not_hammered() {
     fake.wait_token_requests(1, Duration::from_secs(10)).await;
 
     for _ in 0..20 {
-        let resp = client()
-            .get(format!("{}/x", proxy.url))
-            .send()
-            .await
-            .unwrap();
+        let resp = proxy.get("/x").await;
         assert_eq!(resp.status(), 503);
         assert_eq!(resp.headers()["x-criteo-proxy-error"], "token_unavailable");
         let body = json(resp).await;
@@ -584,11 +540,7 @@ async fn an_unreachable_upstream_is_a_502_and_a_slow_one_a_504() {
         .start()
         .await;
     proxy.wait_ready().await;
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x").await;
     assert_eq!(resp.status(), 502);
     assert_eq!(
         resp.headers()["x-criteo-proxy-error"],
@@ -600,11 +552,7 @@ async fn an_unreachable_upstream_is_a_502_and_a_slow_one_a_504() {
         .start()
         .await;
     proxy.wait_ready().await;
-    let resp = client()
-        .get(format!("{}/slow?ms=3000", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/slow?ms=3000").await;
     assert_eq!(resp.status(), 504);
     assert_eq!(resp.headers()["x-criteo-proxy-error"], "upstream_timeout");
 }
@@ -626,11 +574,7 @@ async fn admin_endpoints_report_health_readiness_metrics_and_tenants() {
 
     proxy.wait_ready().await;
     assert_eq!(get("/readyz").await.unwrap().status(), 200);
-    client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    proxy.get("/x").await;
 
     let metrics = proxy.metrics().await;
     for name in [
@@ -695,11 +639,7 @@ async fn clients_outside_allowed_clients_are_closed_at_accept_and_nothing_is_for
         .start()
         .await;
     proxy.wait_ready().await;
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x").await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -732,12 +672,38 @@ async fn speaks_tls_to_the_upstream_with_http2_by_alpn() {
         .refresh("wait_timeout = \"1s\"")
         .start()
         .await;
-    let resp = client()
-        .get(format!("{}/x", untrusting.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = untrusting.get("/x").await;
     assert_eq!(resp.status(), 503);
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_share_one_http2_connection() {
+    let fake = FakeCriteo::builder().tls().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, fake.ca_pem().unwrap()).unwrap();
+    let proxy = TestProxy::builder(&fake)
+        .server("workers = 1")
+        .upstream(&format!("ca_file = \"{}\"", ca.display()))
+        .start()
+        .await;
+    proxy.wait_ready().await;
+
+    // Every one arrives before the first TLS handshake ends: one dials,
+    // the others wait for its connection instead of dialing their own.
+    let requests = (0..64).map(|i| {
+        let url = format!("{}/2024-10/advertisers/me?i={i}", proxy.url);
+        tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
+    });
+    for r in requests.collect::<Vec<_>>() {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    let peers: std::collections::HashSet<_> = fake
+        .seen_path("/2024-10/advertisers/me")
+        .iter()
+        .map(|s| s.peer)
+        .collect();
+    assert_eq!(peers.len(), 1, "connections opened: {peers:?}");
 }
 
 #[tokio::test]
@@ -768,11 +734,7 @@ async fn lazy_tenants_fetch_their_first_token_on_first_use() {
     assert_eq!(tenants["tenants"][0]["state"], "idle");
     assert_eq!(fake.token_requests(), 0, "nothing fetched before use");
 
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(fake.token_requests(), 1);
     let tenants = json(
@@ -905,11 +867,7 @@ async fn a_401_to_a_streamed_request_retires_the_token() {
     // with a fresh one instead of meeting the same 401.
     fake.wait_token_requests(2, Duration::from_secs(5)).await;
     proxy.wait_ready().await;
-    let resp = client()
-        .get(format!("{}/next", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/next").await;
     assert_eq!(resp.status(), 200);
     let seen = fake.seen_path("/next");
     assert_eq!(seen.len(), 1, "no 401 on the way: {seen:?}");
@@ -969,11 +927,7 @@ async fn connect_and_options_asterisk_are_answered_locally() {
 async fn an_upstream_proxy_error_header_is_removed() {
     let fake = FakeCriteo::start().await;
     let proxy = TestProxy::ready(&fake).await;
-    let resp = client()
-        .get(format!("{}/x?proxy_error=1", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x?proxy_error=1").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-fake-criteo"], "echo");
     assert!(
@@ -995,11 +949,7 @@ async fn retry_after_is_at_most_thirty_seconds_after_rejected_credentials() {
         .start()
         .await;
     fake.wait_token_requests(1, Duration::from_secs(10)).await;
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x").await;
     assert_eq!(resp.status(), 503);
     let retry_after: u64 = resp.headers()["retry-after"]
         .to_str()
@@ -1069,11 +1019,7 @@ async fn over_upstream_max_connections_a_request_waits_then_gets_a_503() {
         tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
     };
     fake.wait_api_arrivals(1, Duration::from_secs(5)).await;
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x").await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["x-criteo-proxy-error"], "upstream_busy");
     assert_eq!(resp.headers()["retry-after"], "1");
@@ -1082,10 +1028,6 @@ async fn over_upstream_max_connections_a_request_waits_then_gets_a_503() {
 
     fake.release();
     assert_eq!(held.await.unwrap(), 200);
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x").await;
     assert_eq!(resp.status(), 200, "the slot came back");
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use criteo_token_proxy::oauth::consent;
+use criteo_token_proxy::consent;
 use serde_json::Value;
 use support::{FakeCriteo, ProxyBuilder, TestProxy, client};
 

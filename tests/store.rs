@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::process::{Running, command, write};
-use support::{FakeCriteo, ProxyBuilder, TestProxy, client};
+use support::{FakeCriteo, ProxyBuilder, TestProxy};
 
 const ACME_ID: &str = "acme-id";
 const ACME_SECRET: &str = "acme-secret";
@@ -72,11 +72,7 @@ fn mode(path: &Path) -> u32 {
 }
 
 async fn status(proxy: &TestProxy) -> (u16, Option<String>) {
-    let resp = client()
-        .get(format!("{}/x", proxy.url))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/x").await;
     let error = resp
         .headers()
         .get("x-criteo-proxy-error")

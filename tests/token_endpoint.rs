@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use criteo_token_proxy::oauth::consent;
-use criteo_token_proxy::tenant::Tenant;
+use criteo_token_proxy::Tenant;
+use criteo_token_proxy::consent;
 use serde_json::{Value, json};
 use support::fake_criteo::Spoil;
 use support::process::{Running, write};

@@ -4,7 +4,7 @@
 
 mod access;
 mod exchanges;
-pub mod onboarding;
+pub(crate) mod onboarding;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,13 +25,13 @@ use crate::error::json_response;
 use crate::metrics::Metrics;
 use crate::tenant::{Tenant, Tenants};
 use crate::token::State;
-pub use onboarding::Onboarding;
+pub(crate) use onboarding::Onboarding;
 
 /// Largest consent callback body read.
 const MAX_CALLBACK_BODY: usize = 64 * 1024;
 
 #[derive(Debug)]
-pub struct Admin {
+pub(crate) struct Admin {
     tenants: Arc<ArcSwap<Tenants>>,
     metrics: Metrics,
     onboarding: Onboarding,
@@ -44,7 +44,7 @@ pub struct Admin {
 impl Admin {
     /// `admin_token` is `server.admin_token(_file)`: when set, only requests
     /// bearing it may start an onboarding; when not, only loopback clients.
-    pub fn new(
+    pub(crate) fn new(
         tenants: Arc<ArcSwap<Tenants>>,
         metrics: Metrics,
         onboarding: Onboarding,
@@ -62,18 +62,22 @@ impl Admin {
 
     /// A client that stops sending a callback's body is answered 408
     /// after this long, instead of holding its connection.
-    pub fn with_body_read_timeout(mut self, timeout: Duration) -> Self {
+    pub(crate) fn with_body_read_timeout(mut self, timeout: Duration) -> Self {
         self.body_read_timeout = timeout;
         self
     }
 
     /// From now on `/readyz` answers 503.
-    pub fn begin_shutdown(&self) {
+    pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
     }
 
     /// Answers one request from `peer`, the client's address as accepted.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Full<Bytes>> {
         let query = req.uri().query().map(str::to_owned);
         let query = query.as_deref();
         match (req.method(), req.uri().path()) {

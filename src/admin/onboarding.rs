@@ -33,10 +33,10 @@ use crate::tenant::Tenants;
 use crate::token::{Grants, RefreshGrant, Token};
 
 /// Header in which Criteo signs its consent callbacks.
-pub const SIGNATURE_HEADER: &str = "x-criteo-hmac-sha512";
+pub(crate) const SIGNATURE_HEADER: &str = "x-criteo-hmac-sha512";
 
 #[derive(Debug)]
-pub struct Onboarding {
+pub(crate) struct Onboarding {
     tenants: Arc<ArcSwap<Tenants>>,
     /// The running refreshers' grants (the control task keeps it current).
     grants: Grants,
@@ -49,14 +49,14 @@ pub struct Onboarding {
     exchanges: Exchanges,
 }
 
-pub fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
 impl Onboarding {
-    pub fn new(
+    pub(crate) fn new(
         tenants: Arc<ArcSwap<Tenants>>,
         grants: Grants,
         consent_url: Url,
@@ -82,7 +82,7 @@ impl Onboarding {
     }
 
     /// `GET /oauth/authorize?tenant=NAME`.
-    pub async fn authorize(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+    pub(crate) async fn authorize(&self, query: Option<&str>) -> Response<Full<Bytes>> {
         let tenant = param(query, "tenant");
         let Some(tenant) = tenant else {
             return error(
@@ -141,7 +141,7 @@ impl Onboarding {
     }
 
     /// `GET /oauth/callback?code=…&state=…` (or `?error=…&state=…`).
-    pub async fn callback(&self, query: Option<&str>) -> Response<Full<Bytes>> {
+    pub(crate) async fn callback(&self, query: Option<&str>) -> Response<Full<Bytes>> {
         let Some(state) = param(query, "state") else {
             return page(
                 StatusCode::BAD_REQUEST,
@@ -281,7 +281,7 @@ impl Onboarding {
     }
 
     /// `POST /consent/callback`: Criteo's consent-delegation callback.
-    pub async fn consent_callback(
+    pub(crate) async fn consent_callback(
         &self,
         signature: Option<&str>,
         body: &[u8],

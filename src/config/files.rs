@@ -16,10 +16,10 @@ use std::path::Path;
 
 /// Largest secret file read (client secrets, refresh tokens, signing
 /// secrets, the admin token are all far smaller).
-pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+pub(crate) const MAX_SECRET_FILE: u64 = 64 * 1024;
 
 /// Largest `upstream.ca_file` read (a bundle of a few hundred roots).
-pub const MAX_CA_FILE: u64 = 1024 * 1024;
+pub(crate) const MAX_CA_FILE: u64 = 1024 * 1024;
 
 /// Largest configuration file read (about 100,000 tenants).
 pub(crate) const MAX_CONFIG_FILE: u64 = 64 * 1024 * 1024;

@@ -14,10 +14,8 @@ use secrecy::SecretString;
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{
-    Config, RawConfig, RawConsent, RawRefresh, RawServer, RawStore, RawTenant, RawUpstream,
-    SecretSource,
-};
+use super::raw::{RawConfig, RawConsent, RawRefresh, RawServer, RawStore, RawTenant, RawUpstream};
+use super::{Config, SecretSource};
 
 /// What a secret prints as.
 pub(super) const REDACTED: &str = "<redacted>";

@@ -4,9 +4,9 @@
 //! `"type": "advertiser"`, never `"Advertiser"`), Criteo's error lists for
 //! 401, 404 and 429, and `x-ratelimit-*` headers on every answer.
 
+use crate::admin::onboarding::unix_now;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, HeaderValue};
@@ -44,12 +44,6 @@ fn criteo_error(
             "detail": detail,
         }]}),
     )
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// `/{version}/{rest}` → `rest`, for a version like `2027-01` or `preview`.

@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -36,14 +35,16 @@ use hyper_util::server::conn::auto;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+use crate::error::json_response;
+
 /// The `demo` app's credentials (not secret: they open nothing real).
-pub const CLIENT_ID: &str = "sandbox-client";
-pub const CLIENT_SECRET: &str = "sandbox-secret";
+pub(crate) const CLIENT_ID: &str = "sandbox-client";
+pub(crate) const CLIENT_SECRET: &str = "sandbox-secret";
 /// The `acme` app's credentials.
-pub const ACME_CLIENT_ID: &str = "sandbox-acme-client";
-pub const ACME_CLIENT_SECRET: &str = "sandbox-acme-secret";
+pub(crate) const ACME_CLIENT_ID: &str = "sandbox-acme-client";
+pub(crate) const ACME_CLIENT_SECRET: &str = "sandbox-acme-secret";
 /// Sandbox tokens live a minute, so renewal is seen within one.
-pub const TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+pub(crate) const TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// How many requests `/sandbox/seen` remembers.
 const SEEN_KEPT: usize = 500;
 /// How much of a request body is read.
@@ -82,7 +83,7 @@ const APPS: [App; 2] = [
 
 /// The running stand-in.
 #[derive(Debug)]
-pub struct Sandbox {
+pub(crate) struct Sandbox {
     addr: SocketAddr,
     /// `acme`'s first refresh token, for the proxy's configuration.
     seed: String,
@@ -101,7 +102,7 @@ struct Stand {
 
 /// Starts the stand-in on `127.0.0.1:0`, with a private folder for the
 /// token store (removed when the sandbox is dropped).
-pub async fn start() -> std::io::Result<Sandbox> {
+pub(crate) async fn start() -> std::io::Result<Sandbox> {
     let store = StoreDir::create()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -133,14 +134,14 @@ pub async fn start() -> std::io::Result<Sandbox> {
 
 impl Sandbox {
     /// The stand-in's address.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// The proxy's configuration for the sandbox, before environment
     /// overrides (`CRITEO_PROXY_SERVER__LISTEN` and `__ADMIN_LISTEN` still
     /// apply).
-    pub fn config_toml(&self) -> String {
+    pub(crate) fn config_toml(&self) -> String {
         let upstream = self.addr;
         let store = self.store.0.join("tokens.json");
         let seed = &self.seed;
@@ -171,9 +172,22 @@ refresh_token = "{seed}"
         )
     }
 
+    /// Says loudly that this is the sandbox, and prints the banner once the
+    /// proxy's listeners are bound.
+    pub(crate) fn announce(&self, listeners: &crate::Listeners) {
+        let addr = |l: &TcpListener| l.local_addr().ok();
+        tracing::warn!(
+            sandbox = %self.addr(),
+            "SANDBOX MODE (--dev): requests go to an embedded stand-in for Criteo with fake tokens and data, never to Criteo"
+        );
+        if let (Some(proxy), Some(admin)) = (addr(&listeners.proxy), addr(&listeners.admin)) {
+            println!("{}", self.banner(proxy, admin));
+        }
+    }
+
     /// What `--dev` prints once it listens: where everything is, the
     /// sandbox's tenants and credentials, and what to try.
-    pub fn banner(&self, proxy: SocketAddr, admin: SocketAddr) -> String {
+    pub(crate) fn banner(&self, proxy: SocketAddr, admin: SocketAddr) -> String {
         let sandbox = self.addr;
         let p = format!("http://{proxy}");
         let a = format!("http://{admin}");
@@ -211,14 +225,6 @@ refresh_token = "{seed}"
         ));
         out
     }
-}
-
-fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
 }
 
 impl Stand {

@@ -18,16 +18,16 @@ use serde_json::{Map, Value};
 use super::{GrantError, Granted};
 
 /// The largest token answer read; Criteo's are a few hundred bytes.
-pub const MAX_ANSWER: usize = 64 * 1024;
+pub(crate) const MAX_ANSWER: usize = 64 * 1024;
 /// The longest access token accepted; it travels in every request's header.
-pub const MAX_ACCESS_TOKEN: usize = 16 * 1024;
+pub(crate) const MAX_ACCESS_TOKEN: usize = 16 * 1024;
 /// The longest lifetime believed; Criteo's tokens live 900 s.
-pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Used when an answer omits `expires_in`: Criteo's lifetime.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(900);
 
 /// A 2xx answer, judged in two parts.
-pub struct Answer {
+pub(crate) struct Answer {
     /// The new refresh token, if the answer carried a usable one, whatever
     /// is wrong with the rest.
     pub refresh_token: Option<SecretString>,
@@ -50,7 +50,7 @@ impl fmt::Debug for Answer {
 /// Reads a 2xx answer's `body`. `truncated`: the answer went on past
 /// [`MAX_ANSWER`] (or broke off), so `body` is only its beginning.
 /// `expires_in` is clamped to `min_lifetime ..= MAX_LIFETIME`.
-pub fn parse(body: &[u8], truncated: Option<String>, min_lifetime: Duration) -> Answer {
+pub(crate) fn parse(body: &[u8], truncated: Option<String>, min_lifetime: Duration) -> Answer {
     let refresh_token = find_refresh_token(body);
     let access = match truncated {
         Some(why) => Err(GrantError::Transient(why)),

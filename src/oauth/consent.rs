@@ -20,7 +20,12 @@ pub const STATE_TTL: Duration = Duration::from_secs(600);
 // === authorization-code consent ===
 
 /// `consent_url?response_type=code&client_id=…&redirect_uri=…&state=…`.
-pub fn authorize_url(consent_url: &Url, client_id: &str, redirect_uri: &str, state: &str) -> Url {
+pub(crate) fn authorize_url(
+    consent_url: &Url,
+    client_id: &str,
+    redirect_uri: &str,
+    state: &str,
+) -> Url {
     let mut url = consent_url.clone();
     url.query_pairs_mut()
         .append_pair("response_type", "code")
@@ -32,7 +37,7 @@ pub fn authorize_url(consent_url: &Url, client_id: &str, redirect_uri: &str, sta
 
 /// What a valid `state` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateClaims {
+pub(crate) struct StateClaims {
     pub tenant: String,
     pub expires_at: u64,
     /// 128 random bits, hex: what makes the state single-use.
@@ -40,7 +45,7 @@ pub struct StateClaims {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum StateError {
+pub(crate) enum StateError {
     #[error("the state is malformed")]
     Malformed,
     #[error("the state was not issued by this proxy")]
@@ -70,7 +75,11 @@ pub fn issue_state(key: &[u8], tenant: &str, now_unix: u64, ttl: Duration) -> St
 }
 
 /// Checks a state's MAC (in constant time) and expiry.
-pub fn verify_state(key: &[u8], state: &str, now_unix: u64) -> Result<StateClaims, StateError> {
+pub(crate) fn verify_state(
+    key: &[u8],
+    state: &str,
+    now_unix: u64,
+) -> Result<StateClaims, StateError> {
     let (body, mac_hex) = state.rsplit_once('.').ok_or(StateError::Malformed)?;
     let mac = hex::decode(mac_hex).map_err(|_| StateError::Malformed)?;
     state_mac(key, body)
@@ -106,7 +115,7 @@ fn state_mac(key: &[u8], body: &str) -> HmacSha256 {
 
 /// The signed query text: `?key=…&timestamp=…&state=…&redirect-uri=…`,
 /// values percent-encoded, exactly as it appears in the URL.
-pub fn consent_query(key: &str, timestamp: u64, state: &str, redirect_uri: &str) -> String {
+pub(crate) fn consent_query(key: &str, timestamp: u64, state: &str, redirect_uri: &str) -> String {
     let enc = |v: &str| byte_serialize(v.as_bytes()).collect::<String>();
     format!(
         "?key={}&timestamp={timestamp}&state={}&redirect-uri={}",
@@ -117,14 +126,14 @@ pub fn consent_query(key: &str, timestamp: u64, state: &str, redirect_uri: &str)
 }
 
 /// Lowercase hex HMAC-SHA512 of `text` under `secret`.
-pub fn hmac_sha512_hex(secret: &[u8], text: &[u8]) -> String {
+pub(crate) fn hmac_sha512_hex(secret: &[u8], text: &[u8]) -> String {
     let mut mac = HmacSha512::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(text);
     hex::encode(mac.finalize().into_bytes())
 }
 
 /// `consent_url` + the signed query + `&signature=<hex>`.
-pub fn signed_consent_url(
+pub(crate) fn signed_consent_url(
     consent_url: &Url,
     key: &str,
     secret: &[u8],
@@ -142,7 +151,7 @@ pub fn signed_consent_url(
 
 /// Checks Criteo's `x-criteo-hmac-sha512` header against the raw body,
 /// in constant time. Upper- or lowercase hex is accepted.
-pub fn verify_callback(secret: &[u8], body: &[u8], signature_hex: &str) -> bool {
+pub(crate) fn verify_callback(secret: &[u8], body: &[u8], signature_hex: &str) -> bool {
     let Ok(sig) = hex::decode(signature_hex.trim()) else {
         return false;
     };

@@ -10,8 +10,8 @@
 //! (`refresh.rotation_timeout`): giving up on it while Criteo completes the
 //! rotation anyway would leave the proxy holding a spent token.
 
-pub mod answer;
-pub mod consent;
+pub(crate) mod answer;
+pub(crate) mod consent;
 
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
-pub use answer::{Answer, MAX_ANSWER, MAX_LIFETIME};
+pub(crate) use answer::{Answer, MAX_ANSWER, MAX_LIFETIME};
 
 use crate::config::RefreshConfig;
 
@@ -43,7 +43,7 @@ impl std::fmt::Debug for Granted {
 
 /// Why a token request failed, split by what the refresher should do next.
 #[derive(Debug, thiserror::Error)]
-pub enum GrantError {
+pub(crate) enum GrantError {
     /// The endpoint refused the credentials (`invalid_client`,
     /// `unauthorized_client`, …): retrying soon will not help.
     #[error("the token endpoint rejected the credentials: {code}{}", describe(.description))]
@@ -78,7 +78,7 @@ struct OAuthError {
 
 /// A client for one token endpoint.
 #[derive(Debug, Clone)]
-pub struct TokenEndpoint {
+pub(crate) struct TokenEndpoint {
     http: reqwest::Client,
     url: Url,
     /// Bound on a client-credentials request: nothing is lost by giving up.
@@ -89,7 +89,7 @@ pub struct TokenEndpoint {
 }
 
 impl TokenEndpoint {
-    pub fn new(
+    pub(crate) fn new(
         url: Url,
         refresh: &RefreshConfig,
         extra_roots: Option<&crate::config::ExtraRoots>,
@@ -119,12 +119,8 @@ impl TokenEndpoint {
         })
     }
 
-    pub fn url(&self) -> &Url {
-        &self.url
-    }
-
     /// `grant_type=client_credentials`.
-    pub async fn client_credentials(
+    pub(crate) async fn client_credentials(
         &self,
         client_id: &str,
         client_secret: &SecretString,
@@ -139,7 +135,7 @@ impl TokenEndpoint {
 
     /// `grant_type=refresh_token`: answers with a new, rotated refresh
     /// token, which the caller must save before anything else.
-    pub async fn refresh_token(
+    pub(crate) async fn refresh_token(
         &self,
         client_id: &str,
         client_secret: &SecretString,
@@ -156,7 +152,7 @@ impl TokenEndpoint {
 
     /// `grant_type=authorization_code`: trades a consent's code (valid 30 s,
     /// once) for an access token and a first refresh token.
-    pub async fn authorization_code(
+    pub(crate) async fn authorization_code(
         &self,
         client_id: &str,
         client_secret: &SecretString,
@@ -210,7 +206,7 @@ impl TokenEndpoint {
             // again at once presents nothing twice. Any other failure may
             // have reached Criteo, and waits for the refresher's back-off.
             Err(e) if e.is_connect() => {
-                tracing::debug!(error = %describe_reqwest(&e), "cannot connect to the token endpoint; trying again at once");
+                tracing::debug!(error = %crate::error::chain(&e), "cannot connect to the token endpoint; trying again at once");
                 request()
                     .await
                     .map_err(|e| GrantError::Transient(transport(&e, timeout)))
@@ -310,21 +306,9 @@ fn transport(e: &reqwest::Error, timeout: Duration) -> String {
             humantime::format_duration(timeout)
         )
     } else {
-        describe_reqwest(e)
+        // reqwest's errors name the URL, never the form body.
+        crate::error::chain(e)
     }
-}
-
-/// reqwest's errors name the URL, never the form body.
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]

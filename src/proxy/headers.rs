@@ -62,7 +62,7 @@ fn remove_connection_listed(headers: &mut HeaderMap) {
 
 /// Before a request goes upstream: the client's credentials, the tenant
 /// choice, `Host` (set from the upstream URL) and hop-by-hop headers go.
-pub fn sanitize_request(headers: &mut HeaderMap, tenant_header: &HeaderName) {
+pub(crate) fn sanitize_request(headers: &mut HeaderMap, tenant_header: &HeaderName) {
     remove_connection_listed(headers);
     remove_where(headers, |n| {
         is_hop_by_hop(n) || n == AUTHORIZATION || n == HOST || n == EXPECT || n == tenant_header
@@ -72,7 +72,7 @@ pub fn sanitize_request(headers: &mut HeaderMap, tenant_header: &HeaderName) {
 /// Before a response goes back: hop-by-hop headers go, and so does the
 /// marker of the proxy's own errors, so that an answer from upstream never
 /// passes for one the proxy made.
-pub fn sanitize_response(headers: &mut HeaderMap) {
+pub(crate) fn sanitize_response(headers: &mut HeaderMap) {
     remove_connection_listed(headers);
     remove_where(headers, |n| is_hop_by_hop(n) || n == PROXY_ERROR_HEADER);
 }

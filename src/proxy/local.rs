@@ -24,13 +24,14 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::Incoming;
 use tracing::Level;
 
+use super::asked::Asked;
 use super::{ACCESS_LOG, Failed, Proxy, ResponseBody, access_log};
 use crate::error::{ProxyError, json_response};
 use crate::tenant::{Tenant, Tenants};
 
 /// Every placeholder starts with this, then the tenant's name
 /// (percent-encoded where it is not a plain token character).
-pub const PLACEHOLDER_PREFIX: &str = "criteo-token-proxy.";
+pub(crate) const PLACEHOLDER_PREFIX: &str = "criteo-token-proxy.";
 /// `Authorization: Bearer <placeholder>`, as the SDKs send it.
 const BEARER_PLACEHOLDER: &[u8] = b"bearer criteo-token-proxy.";
 /// The largest token request body read; a real one is a few hundred bytes.
@@ -141,7 +142,7 @@ fn percent_decode(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// The placeholder that names `tenant`.
-pub fn placeholder(tenant: &str) -> String {
+pub(crate) fn placeholder(tenant: &str) -> String {
     let mut out = String::from(PLACEHOLDER_PREFIX);
     out.extend(url::form_urlencoded::byte_serialize(tenant.as_bytes()));
     out
@@ -275,19 +276,15 @@ impl Proxy {
             }
         };
         let form = TokenForm::parse(&body);
-        let requested = parts
-            .headers
-            .get(&self.tenant_header)
-            .map(|v| v.to_str().map_or("<not text>", str::trim));
         let tenants = self.tenants.load();
-        let tenant = match requested {
-            Some(name) => tenants.choose(Some(name)).cloned().ok_or_else(|| {
-                ProxyError::UnknownTenant(format!(
-                    "tenant {name:?} is not configured (header {})",
-                    self.tenant_header
-                ))
-            }),
-            None => self.tenant_for_form(&tenants, &form),
+        let tenant = if parts.headers.contains_key(&self.tenant_header) {
+            let asked = Asked::from(&parts.headers, &self.tenant_header);
+            asked
+                .lookup(&tenants)
+                .cloned()
+                .ok_or_else(|| asked.unknown(&self.tenant_header))
+        } else {
+            self.tenant_for_form(&tenants, &form)
         }
         .map_err(Failed::read)?;
         tracing::debug!(

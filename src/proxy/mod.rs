@@ -3,8 +3,9 @@
 //! with a fresh token on a 401. An error answered before the client's body
 //! has been read leaves its connection usable ([`Proxy::settle`]).
 
+mod asked;
 mod body;
-pub mod headers;
+pub(crate) mod headers;
 mod local;
 
 use std::sync::Arc;
@@ -23,8 +24,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tracing::Level;
 
-pub use body::{BodyEnd, BodyError, End, OutBody, Prepared, ReplayBudget, prepare};
-pub use local::{PLACEHOLDER_PREFIX, placeholder};
+pub(crate) use body::{BodyEnd, BodyError, End, OutBody, Prepared, ReplayBudget, prepare};
 
 use crate::config::Config;
 use crate::error::{self, ProxyError};
@@ -35,7 +35,7 @@ use crate::upstream::{Slot, Upstream, UpstreamBody};
 
 /// What the proxy listener answers: Criteo's streamed body, or the
 /// proxy's own small JSON.
-pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
+pub(crate) type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// How much of a 401's body is read (and dropped) before the replay, so
 /// that the pooled connection can be reused.
@@ -55,7 +55,7 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 const LINGER_LIMIT: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     /// Replaced whole on a configuration reload.
     tenants: Arc<ArcSwap<Tenants>>,
     upstream: Upstream,
@@ -119,8 +119,59 @@ impl Failed {
     }
 }
 
+/// Phase 1, route: what the proxy answers itself, with no tenant and no
+/// token, and what it forwards.
+#[derive(Debug)]
+enum Route {
+    Forward,
+    /// `CONNECT` and `OPTIONS *`: nothing to forward.
+    NotForwardable,
+    /// The proxy's own routes (its token endpoint, `/oauth2/`).
+    Own(local::Route),
+}
+
+fn route(req: &Request<Incoming>) -> Route {
+    if req.method() == Method::CONNECT
+        || (req.method() == Method::OPTIONS && req.uri().path() == "*")
+    {
+        return Route::NotForwardable;
+    }
+    local::route(req.uri().path()).map_or(Route::Forward, Route::Own)
+}
+
+/// A request that names no configured tenant: why, and the name it gave.
+#[derive(Debug)]
+struct Refused {
+    err: ProxyError,
+    name: Option<String>,
+}
+
+/// What phase 5 reports on a forwarded request.
+#[derive(Debug)]
+struct Observed {
+    started: Instant,
+    /// Method and URI for the access log line, only when its target is
+    /// enabled (it costs a URI refcount and two clock reads).
+    access: Option<(Method, Uri)>,
+    /// Time spent waiting for the upstream, when the access log wants it.
+    upstream_time: Option<Duration>,
+}
+
+impl Observed {
+    fn start(req: &Request<Incoming>, started: Instant) -> Self {
+        let access = tracing::enabled!(target: ACCESS_LOG, Level::INFO)
+            .then(|| (req.method().clone(), req.uri().clone()));
+        let upstream_time = access.as_ref().map(|_| Duration::ZERO);
+        Self {
+            started,
+            access,
+            upstream_time,
+        }
+    }
+}
+
 impl Proxy {
-    pub fn new(
+    pub(crate) fn new(
         config: &Config,
         tenants: Arc<ArcSwap<Tenants>>,
         upstream: Upstream,
@@ -139,7 +190,7 @@ impl Proxy {
     }
 
     /// The same settings with another upstream pool (one per worker).
-    pub fn with_upstream(&self, upstream: Upstream) -> Self {
+    pub(crate) fn with_upstream(&self, upstream: Upstream) -> Self {
         Self {
             upstream,
             ..self.clone()
@@ -147,65 +198,30 @@ impl Proxy {
     }
 
     /// Answers one client request. Never fails: errors become JSON answers.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
+    ///
+    /// In phases, as pingora's filters are, each a function of its own so
+    /// that one more (pacing) plugs in between two without touching the
+    /// others: [`route`] (what the proxy answers itself) → tenant
+    /// ([`Proxy::tenant`]) → inject ([`Proxy::inject`]) → send, with one
+    /// replay on a 401 ([`Proxy::forward`]) → observe ([`Proxy::observe`]).
+    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
-        if req.method() == Method::CONNECT
-            || (req.method() == Method::OPTIONS && req.uri().path() == "*")
-        {
-            return self.locally(req).await;
+        match route(&req) {
+            Route::Forward => {}
+            Route::NotForwardable => return self.locally(req).await,
+            Route::Own(own) => return self.answer_locally(own, req, started).await,
         }
-        if let Some(route) = local::route(req.uri().path()) {
-            return self.answer_locally(route, req, started).await;
-        }
-        let header = req.headers().get(&self.tenant_header);
-        // Without a tenant header, a placeholder from the proxy's own token
-        // endpoint names the tenant (what Criteo's SDKs send).
-        let placeholder = match header {
-            None => local::placeholder_tenant(req.headers()),
-            Some(_) => None,
-        };
-        let requested = match header {
-            None => placeholder.as_deref(),
-            Some(v) => match v.to_str() {
-                Ok(s) => Some(s.trim()),
-                Err(_) => Some("<not text>"),
-            },
-        };
-        // One refcount on the tenant, so the tenant set can be replaced
-        // while this request is under way.
-        let chosen = self.tenants.load().choose(requested).cloned();
-        let Some(tenant) = chosen else {
-            let err = ProxyError::UnknownTenant(match requested {
-                Some(name) if placeholder.is_some() => format!(
-                    "the bearer token is a placeholder for tenant {name:?}, which is not configured"
-                ),
-                Some(name) => format!(
-                    "tenant {name:?} is not configured (header {})",
-                    self.tenant_header
-                ),
-                None => format!(
-                    "the request names no tenant: send the {} header (no server.default_tenant is set)",
-                    self.tenant_header
-                ),
-            });
-            self.metrics.request_without_tenant(err.status());
-            tracing::debug!(tenant = requested, error = %err, "request refused");
-            let resp = err.to_response(requested).map(Either::Right);
-            let version = req.version();
+        let tenant = match self.tenant(&req) {
+            Ok(tenant) => tenant,
             // Boxed, as every rare branch here: the request's future is
             // allocated per HTTP/2 stream, and a branch's size counts
             // whether it runs or not.
-            let left = Leftover::Unread(req.into_body());
-            return Box::pin(self.settle(resp, version, left)).await;
+            Err(refused) => return Box::pin(self.refuse(req, refused)).await,
         };
-        // The access log line costs a URI refcount and two clock reads; it
-        // is skipped when its target is filtered out.
-        let access = tracing::enabled!(target: ACCESS_LOG, Level::INFO)
-            .then(|| (req.method().clone(), req.uri().clone()));
-        let mut upstream_time = access.as_ref().map(|_| Duration::ZERO);
         let tenant = &*tenant;
+        let mut seen = Observed::start(&req, started);
         let version = req.version();
-        let resp = match self.forward(tenant, req, &mut upstream_time).await {
+        let resp = match self.forward(tenant, req, &mut seen.upstream_time).await {
             Ok(resp) => resp,
             Err(Failed { err, left }) => {
                 tracing::debug!(tenant = &*tenant.name, error = %err, "request failed");
@@ -213,12 +229,49 @@ impl Proxy {
                 Box::pin(self.settle(resp, version, left)).await
             }
         };
-        let elapsed = started.elapsed();
-        tenant.metrics.request(resp.status(), elapsed.as_secs_f64());
-        if let Some((method, uri)) = access {
-            access_log(tenant, &method, &uri, resp.status(), elapsed, upstream_time);
-        }
+        self.observe(tenant, &resp, seen);
         resp
+    }
+
+    /// Phase 2, tenant: the one the request names, with one refcount, so
+    /// that the tenant set can be replaced while the request is under way.
+    fn tenant(&self, req: &Request<Incoming>) -> Result<Arc<Tenant>, Refused> {
+        let asked = asked::Asked::from(req.headers(), &self.tenant_header);
+        if let Some(tenant) = asked.lookup(&self.tenants.load()) {
+            return Ok(Arc::clone(tenant));
+        }
+        Err(Refused {
+            err: asked.unknown(&self.tenant_header),
+            name: asked.name().map(str::to_owned),
+        })
+    }
+
+    /// A request that names no configured tenant.
+    #[cold]
+    async fn refuse(&self, req: Request<Incoming>, refused: Refused) -> Response<ResponseBody> {
+        let Refused { err, name } = refused;
+        self.metrics.request_without_tenant(err.status());
+        tracing::debug!(tenant = name.as_deref(), error = %err, "request refused");
+        let resp = err.to_response(name.as_deref()).map(Either::Right);
+        let version = req.version();
+        let left = Leftover::Unread(req.into_body());
+        self.settle(resp, version, left).await
+    }
+
+    /// Phase 5, observe: the tenant's metrics and the access log line.
+    fn observe(&self, tenant: &Tenant, resp: &Response<ResponseBody>, seen: Observed) {
+        let elapsed = seen.started.elapsed();
+        tenant.metrics.request(resp.status(), elapsed.as_secs_f64());
+        if let Some((method, uri)) = seen.access {
+            access_log(
+                tenant,
+                &method,
+                &uri,
+                resp.status(),
+                elapsed,
+                seen.upstream_time,
+            );
+        }
     }
 
     /// `CONNECT` (a tunnel) and `OPTIONS *` (a question about the proxy
@@ -266,6 +319,25 @@ impl Proxy {
         resp
     }
 
+    /// Phase 3, inject: the tenant's token in `Authorization`, waiting for
+    /// one (single flight, through the refresher) only when none is cached.
+    /// Returns the token's generation, which a 401 retires.
+    async fn inject(&self, tenant: &Tenant, headers: &mut HeaderMap) -> Result<u64, ProxyError> {
+        if let Some(generation) = tenant.tokens.inject(headers) {
+            return Ok(generation);
+        }
+        match tenant.tokens.wait_usable(0, self.wait_timeout).await {
+            Ok(token) => {
+                headers.insert(AUTHORIZATION, token.header().clone());
+                Ok(token.generation())
+            }
+            Err(u) => Err(unavailable(tenant, u)),
+        }
+    }
+
+    /// Phase 4, send: the body kept for a replay (or streamed), a place on
+    /// an upstream connection, the request sent, and replayed once with a
+    /// fresh token on a 401.
     async fn forward(
         &self,
         tenant: &Tenant,
@@ -283,15 +355,9 @@ impl Proxy {
         };
 
         // No token, no forwarding: get it before reading the body.
-        let generation = match tenant.tokens.inject(&mut parts.headers) {
-            Some(generation) => generation,
-            None => match tenant.tokens.wait_usable(0, self.wait_timeout).await {
-                Ok(token) => {
-                    parts.headers.insert(AUTHORIZATION, token.header().clone());
-                    token.generation()
-                }
-                Err(u) => return Err(Failed::unread(unavailable(tenant, u), body)),
-            },
+        let generation = match self.inject(tenant, &mut parts.headers).await {
+            Ok(generation) => generation,
+            Err(err) => return Err(Failed::unread(err, body)),
         };
         // The replay budget this request holds, given back when it ends.
         let mut kept = self.replay_budget.reserve();
@@ -473,7 +539,10 @@ impl Proxy {
         }
         match answer {
             None => Err(ProxyError::UpstreamTimeout(timeout)),
-            Some(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
+            Some(Err(e)) => {
+                tracing::debug!(written = e.maybe_written(), error = %e, "upstream request failed");
+                Err(ProxyError::UpstreamUnreachable(error::chain(&e)))
+            }
             Some(Ok(mut resp)) => {
                 headers::sanitize_response(resp.headers_mut());
                 if resp.status() == StatusCode::FORBIDDEN {
@@ -545,7 +614,7 @@ fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: OutBody) -> Requ
 }
 
 /// The target of the one line logged per request.
-pub const ACCESS_LOG: &str = "criteo_token_proxy::access";
+pub(crate) const ACCESS_LOG: &str = "criteo_token_proxy::access";
 
 /// One line per request: tenant, method, path, status, total and upstream
 /// latency (time to response headers). The query string can carry
@@ -597,17 +666,6 @@ fn unavailable(tenant: &Tenant, u: Unavailable) -> ProxyError {
             retry_after: u.retry_after,
         },
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 #[cfg(test)]

@@ -77,6 +77,8 @@ pub enum StartError {
     TokenClient(#[from] reqwest::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot start the proxy workers")]
+    Workers(#[source] std::io::Error),
 }
 
 /// A built proxy, ready to serve.
@@ -177,8 +179,13 @@ impl App {
         self
     }
 
-    /// Serves until `shutdown` completes, then drains and returns.
-    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` completes, then drains and returns; fails
+    /// only when serving could not start.
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartError> {
         let first = self.tenants.load_full();
         // Reload and the refreshers live in their own task: nothing they
         // wait for can hold up an accept.
@@ -210,9 +217,8 @@ impl App {
         ) {
             Ok(w) => w,
             Err(e) => {
-                tracing::error!(error = %e, "cannot start the proxy workers");
                 control.shutdown(tokio::time::Instant::now()).await;
-                return;
+                return Err(StartError::Workers(e));
             }
         };
         let admin_drain = Drain::new();
@@ -317,6 +323,7 @@ impl App {
         // (a rotation, whose new refresh token must reach the store) gets
         // until the deadline to finish it.
         control.shutdown(deadline).await;
+        Ok(())
     }
 
     /// The current tenant set.
@@ -389,16 +396,6 @@ impl Refused {
             ),
         }
     }
-}
-
-/// Builds and runs the proxy on the given listeners until `shutdown`.
-pub async fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
-    App::new(config)?.run(listeners, shutdown).await;
-    Ok(())
 }
 
 /// An accepted stream with `TCP_NODELAY`, or `None` after a short pause on

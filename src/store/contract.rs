@@ -19,20 +19,20 @@ use secrecy::{ExposeSecret, SecretString};
 use super::FileStore;
 
 /// A boxed future, so that the store can be a trait object.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Which version of a tenant's record a writer read. `Generation::NONE`:
 /// no record (or, in the file, one written by a release that did not count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Generation(pub u64);
+pub(crate) struct Generation(pub u64);
 
 impl Generation {
-    pub const NONE: Generation = Generation(0);
+    pub(crate) const NONE: Generation = Generation(0);
 }
 
 /// A tenant's record as read.
 #[derive(Debug, Clone)]
-pub struct Record {
+pub(crate) struct Record {
     pub refresh_token: SecretString,
     /// The token endpoint has refused this token (`invalid_grant`).
     pub rejected: bool,
@@ -41,7 +41,7 @@ pub struct Record {
 
 /// What a conditional put writes.
 #[derive(Debug, Clone, Copy)]
-pub struct Put<'a> {
+pub(crate) struct Put<'a> {
     pub refresh_token: &'a SecretString,
     pub rejected: bool,
     /// The token is the config seed, about to be presented: recorded as
@@ -51,7 +51,7 @@ pub struct Put<'a> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PutError {
+pub(crate) enum PutError {
     /// The record changed since the writer read it: the write is refused.
     #[error(
         "the store holds a newer record for this tenant (generation {}, expected {})",
@@ -68,12 +68,8 @@ pub enum PutError {
 
 /// A tenant's refresh lease: while it is held, no other holder of the same
 /// store calls the token endpoint for that tenant. Released on drop.
-pub struct Lease {
+pub(crate) struct Lease {
     _held: Box<dyn Send + Sync>,
-}
-
-impl Lease {
-    pub fn release(self) {}
 }
 
 impl fmt::Debug for Lease {
@@ -83,20 +79,25 @@ impl fmt::Debug for Lease {
 }
 
 /// Names of tenants whose record another process changed.
+///
+/// Nothing reads it yet outside the tests: the file store has no other
+/// writer, and the shared store (many replicas) is its first reader.
 #[derive(Debug)]
-pub struct Changes {
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) struct Changes {
     rx: Option<tokio::sync::mpsc::UnboundedReceiver<Arc<str>>>,
 }
 
+#[cfg_attr(not(test), allow(dead_code))]
 impl Changes {
     /// A feed with nothing to tell: a store no other process writes.
-    pub fn never() -> Self {
+    pub(crate) fn never() -> Self {
         Self { rx: None }
     }
 
     /// The next tenant changed elsewhere; never completes on a store that
     /// no other process writes.
-    pub async fn next(&mut self) -> Option<Arc<str>> {
+    pub(crate) async fn next(&mut self) -> Option<Arc<str>> {
         match &mut self.rx {
             Some(rx) => rx.recv().await,
             None => std::future::pending().await,
@@ -106,7 +107,7 @@ impl Changes {
 
 /// Where refresh tokens live. Losing the newest one loses the tenant: a
 /// put returns only once the token is durable.
-pub trait TokenStore: Send + Sync + fmt::Debug {
+pub(crate) trait TokenStore: Send + Sync + fmt::Debug {
     /// Where the store is, for messages (never a secret).
     fn location(&self) -> String;
 
@@ -130,6 +131,7 @@ pub trait TokenStore: Send + Sync + fmt::Debug {
     fn lease<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, io::Result<Lease>>;
 
     /// Records other processes change.
+    #[cfg_attr(not(test), allow(dead_code))]
     fn changes(&self) -> Changes;
 }
 

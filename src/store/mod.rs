@@ -14,7 +14,7 @@ mod contract;
 mod disk;
 mod format;
 
-pub use contract::{BoxFuture, Changes, Generation, Lease, Put, PutError, Record, TokenStore};
+pub(crate) use contract::{Generation, Put, PutError, Record, TokenStore};
 
 use std::fs::{self, File};
 use std::io;
@@ -52,7 +52,7 @@ pub enum StoreError {
 }
 
 #[derive(Debug)]
-pub struct FileStore {
+pub(crate) struct FileStore {
     /// The store file, every symbolic link resolved.
     path: PathBuf,
     /// The file's content as last written (or read).
@@ -70,7 +70,7 @@ pub struct FileStore {
 
 /// Checks `store.path` for the configuration: its folder (after resolving
 /// symbolic links) exists and is not writable by every user.
-pub fn check_location(path: &Path) -> Result<(), String> {
+pub(crate) fn check_location(path: &Path) -> Result<(), String> {
     let resolved = disk::resolve(path).map_err(|e| e.to_string())?;
     disk::check_folder(disk::parent(&resolved)).map(drop)
 }
@@ -81,7 +81,7 @@ impl FileStore {
     /// only copy of a tenant's refresh token. Temporary files left by a
     /// crash are merged in (the newest entry of each tenant wins) and
     /// removed; one that is incomplete is only removed.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
         let read_error = |source| StoreError::Read {
             path: path.to_owned(),
             source,
@@ -115,7 +115,7 @@ impl FileStore {
         Ok(store)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 

@@ -4,7 +4,7 @@
 
 mod cell;
 mod refresh_grant;
-pub mod refresher;
+pub(crate) mod refresher;
 mod source;
 
 use std::collections::HashMap;
@@ -18,16 +18,17 @@ use http::HeaderValue;
 use rand::Rng;
 use secrecy::ExposeSecret;
 
-pub use cell::{Health, State, TokenCell, Unavailable};
-pub use refresh_grant::RefreshGrant;
-pub use source::TokenSource;
+pub(crate) use cell::{Health, Unavailable};
+pub use cell::{State, TokenCell};
+pub(crate) use refresh_grant::RefreshGrant;
+pub(crate) use source::TokenSource;
 
 use crate::oauth::{Granted, MAX_LIFETIME};
 
 /// The refresh-token grants of the running refreshers, by tenant name,
 /// published by the control task as refreshers start and stop:
 /// onboarding hands a consent's code to the grant found here.
-pub type Grants = Arc<ArcSwap<HashMap<Arc<str>, Arc<RefreshGrant>>>>;
+pub(crate) type Grants = Arc<ArcSwap<HashMap<Arc<str>, Arc<RefreshGrant>>>>;
 
 /// One access token, with its `Authorization` value built once, so that
 /// injecting it costs a refcount and a header insert.
@@ -155,7 +156,7 @@ impl Token {
 /// that clock skew and transit time never let an expired token through.
 /// Total: any input gives an answer (lifetimes past [`MAX_LIFETIME`] count
 /// as that), never a panic.
-pub fn schedule(lifetime: Duration, at_fraction: f64, jitter: f64) -> (Duration, Duration) {
+pub(crate) fn schedule(lifetime: Duration, at_fraction: f64, jitter: f64) -> (Duration, Duration) {
     let lifetime = lifetime.min(MAX_LIFETIME);
     let at_fraction = if at_fraction.is_nan() {
         0.8

@@ -22,7 +22,7 @@ use crate::oauth::{Answer, GrantError, Granted, TokenEndpoint};
 use crate::store::{Generation, Put, PutError, TokenStore};
 
 #[derive(Debug)]
-pub struct RefreshGrant {
+pub(crate) struct RefreshGrant {
     tenant: Arc<str>,
     endpoint: TokenEndpoint,
     client_id: String,
@@ -71,7 +71,11 @@ fn store_error(what: &str, e: impl std::fmt::Display) -> GrantError {
 
 impl RefreshGrant {
     /// Nothing is read here: the store and the seed are read at first use.
-    pub fn new(config: &TenantConfig, endpoint: TokenEndpoint, store: Arc<dyn TokenStore>) -> Self {
+    pub(crate) fn new(
+        config: &TenantConfig,
+        endpoint: TokenEndpoint,
+        store: Arc<dyn TokenStore>,
+    ) -> Self {
         Self {
             tenant: config.name.as_str().into(),
             endpoint,
@@ -145,17 +149,17 @@ impl RefreshGrant {
             .map_err(|e| store_error("cannot read the token store", e))
     }
 
-    pub fn client_id(&self) -> &str {
+    pub(crate) fn client_id(&self) -> &str {
         &self.client_id
     }
 
-    pub fn redirect_uri(&self) -> &str {
+    pub(crate) fn redirect_uri(&self) -> &str {
         &self.redirect_uri
     }
 
     /// The key that signs this tenant's onboarding `state`s: its client
     /// secret, which the `consent-url` command also knows.
-    pub async fn state_key(&self) -> Result<SecretString, String> {
+    pub(crate) async fn state_key(&self) -> Result<SecretString, String> {
         self.client_secret.load_async().await
     }
 
@@ -175,7 +179,7 @@ impl RefreshGrant {
     }
 
     /// `grant_type=refresh_token`, rotating and saving the refresh token.
-    pub async fn fetch(&self) -> Result<Granted, GrantError> {
+    pub(crate) async fn fetch(&self) -> Result<Granted, GrantError> {
         // One caller of the token endpoint per tenant, whatever process.
         let _lease = self
             .store
@@ -279,7 +283,7 @@ impl RefreshGrant {
     /// which supersedes whatever a renewal had meanwhile (a newer consent
     /// wins). If the answer's access token is unusable, the saved refresh
     /// token is renewed at once.
-    pub async fn exchange_code(&self, code: &str) -> Result<Granted, GrantError> {
+    pub(crate) async fn exchange_code(&self, code: &str) -> Result<Granted, GrantError> {
         let secret = self.secret().await?;
         let answer = self
             .endpoint

@@ -52,7 +52,7 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// What a refresher keeps filled: the tenant's cell, with the name and
 /// counters its logs and metrics need (not the whole tenant).
 #[derive(Debug)]
-pub struct Target {
+pub(crate) struct Target {
     pub name: Arc<str>,
     pub cell: Arc<TokenCell>,
     pub metrics: RefreshMetrics,
@@ -60,7 +60,7 @@ pub struct Target {
 
 /// How long to pause after a failure of this kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pause {
+pub(crate) enum Pause {
     /// Exponential back-off with jitter (see [`backoff`]).
     Backoff,
     /// `refresh.rejected_backoff`: credentials rarely fix themselves.
@@ -72,7 +72,7 @@ pub enum Pause {
 /// What a failed token request means for the tenant: its state, how long
 /// to pause, and the metric's outcome. Pure, so that the mapping is tested
 /// on its own.
-pub fn classify(err: &GrantError) -> (State, Pause, RefreshOutcome) {
+pub(crate) fn classify(err: &GrantError) -> (State, Pause, RefreshOutcome) {
     match err {
         GrantError::Transient(_) => (State::Failing, Pause::Backoff, RefreshOutcome::Error),
         GrantError::Rejected { .. } | GrantError::InvalidGrant { .. } => {
@@ -94,7 +94,7 @@ struct Schedule {
     last_fetch: Option<Instant>,
 }
 
-pub async fn run(
+pub(crate) async fn run(
     target: Target,
     source: TokenSource,
     cfg: RefreshConfig,

@@ -8,7 +8,7 @@ use crate::config::SecretSource;
 use crate::oauth::{GrantError, Granted, TokenEndpoint};
 
 #[derive(Debug)]
-pub enum TokenSource {
+pub(crate) enum TokenSource {
     /// `grant_type=client_credentials`: an app acting for itself.
     ClientCredentials {
         endpoint: TokenEndpoint,
@@ -22,7 +22,7 @@ pub enum TokenSource {
 impl TokenSource {
     /// One call to the token endpoint. Secrets held in files are read
     /// again each time, so a rotated credential is used from the next call.
-    pub async fn fetch(&self) -> Result<Granted, GrantError> {
+    pub(crate) async fn fetch(&self) -> Result<Granted, GrantError> {
         match self {
             TokenSource::ClientCredentials {
                 endpoint,
@@ -42,7 +42,7 @@ impl TokenSource {
     /// Completes when the source wants a renewal now, whatever the
     /// schedule (a refresh token saved by onboarding without a usable
     /// access token); never, for client credentials.
-    pub async fn renewal_wanted(&self) {
+    pub(crate) async fn renewal_wanted(&self) {
         match self {
             TokenSource::ClientCredentials { .. } => std::future::pending().await,
             TokenSource::RefreshToken(grant) => grant.renewal_wanted().await,

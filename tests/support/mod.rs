@@ -9,8 +9,7 @@ pub mod raw;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criteo_token_proxy::tenant::Tenants;
-use criteo_token_proxy::{App, Config, Listeners};
+use criteo_token_proxy::{App, Config, Listeners, Tenants};
 pub use fake_criteo::FakeCriteo;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -94,6 +93,25 @@ impl TestProxy {
                 .expect("server stops within 30s")
                 .unwrap();
         }
+    }
+
+    /// `GET` on the proxy listener: the request most tests send.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET` on the proxy listener for `tenant` (by the tenant header).
+    pub async fn get_as(&self, tenant: &str, path: &str) -> reqwest::Response {
+        client()
+            .get(format!("{}{path}", self.url))
+            .header("X-Criteo-Tenant", tenant)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn metrics(&self) -> String {
@@ -215,9 +233,14 @@ impl ProxyBuilder {
         let app = App::new(config).unwrap();
         let tenants = app.tenants();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run(listeners, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(async move {
+            let stopped = async move {
+                let _ = rx.await;
+            };
+            app.run(listeners, stopped)
+                .await
+                .expect("the server starts");
+        });
         TestProxy {
             url,
             admin,
