@@ -40,8 +40,8 @@ pub use token::{State, Token, TokenCell};
 /// API: it exists for the tests.
 #[doc(hidden)]
 pub mod sandbox {
-    pub use crate::dev::errors::{criteo_error, oauth_error};
-    pub use crate::dev::tokens::{Grant, GrantError, Ledger, Refusal, form_encoded};
+    pub use crate::dev::errors::{GrantError, Refusal, criteo_error, oauth_error};
+    pub use crate::dev::tokens::{Grant, Ledger, form_encoded};
 }
 
 /// Consent states, as the admin listener issues and checks them.

@@ -51,7 +51,7 @@ impl Stand {
         };
         // Only the sandbox's apps are ever granted a token.
         let Some(app) = app else {
-            return super::tokens::Refusal::Invalid.response(path);
+            return super::errors::Refusal::Invalid.response(path);
         };
         let (limit, remaining, reset) = match self.count_call(app) {
             Ok(quota) => quota,
