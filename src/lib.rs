@@ -7,8 +7,9 @@
 //! The public API is small on purpose: the binary's commands ([`cli`]),
 //! [`App::run`], which takes its listeners and a shutdown future (so
 //! embedders and tests bind their own sockets), and what tests and
-//! benchmarks look at (the tenants and their token cells, consent states).
-//! Everything else is `pub(crate)`.
+//! benchmarks look at (the tenants and their token cells, consent states,
+//! the stand-in for Criteo that `--dev` and the tests share). Everything
+//! else is `pub(crate)`.
 
 pub mod cli;
 
@@ -32,6 +33,16 @@ pub use oauth::Granted;
 pub use server::{App, Listeners, StartError};
 pub use tenant::{Tenant, Tenants};
 pub use token::{State, Token, TokenCell};
+
+/// The core of a stand-in for Criteo (tokens issued, rotated and checked;
+/// the token endpoint's grants; Criteo's error shapes), shared by `--dev`
+/// and the tests' fake so that the two cannot drift apart. Not a stable
+/// API: it exists for the tests.
+#[doc(hidden)]
+pub mod sandbox {
+    pub use crate::dev::errors::{GrantError, Refusal, criteo_error, oauth_error};
+    pub use crate::dev::tokens::{Grant, Ledger, form_encoded};
+}
 
 /// Consent states, as the admin listener issues and checks them.
 pub mod consent {

@@ -15,7 +15,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
 
-use super::oauth::Refusal;
+use super::errors::criteo_error;
 use super::{APPS, App, Stand, json_response};
 
 /// Per app: the minute (Unix seconds / 60) being counted, and the calls in it.
@@ -23,28 +23,6 @@ pub(super) type Windows = HashMap<usize, (u64, u32)>;
 
 const ROUTES: &str = "under any version (/2024-10/, /2027-01/, /preview/): GET advertisers/me, \
     GET marketing-solutions/me, GET retail-media/me, GET retail-media/accounts, POST statistics/report";
-
-/// Criteo's error list, `{"errors": [{…}]}`, as its APIs answer it.
-fn criteo_error(
-    status: StatusCode,
-    kind: &str,
-    code: &str,
-    path: &str,
-    title: &str,
-    detail: &str,
-) -> Response<Full<Bytes>> {
-    json_response(
-        status,
-        &json!({"errors": [{
-            "traceIdentifier": hex::encode(rand::random::<[u8; 16]>()),
-            "type": kind,
-            "code": code,
-            "instance": path,
-            "title": title,
-            "detail": detail,
-        }]}),
-    )
-}
 
 /// `/{version}/{rest}` → `rest`, for a version like `2027-01` or `preview`.
 fn versioned(path: &str) -> Option<&str> {
@@ -68,27 +46,12 @@ impl Stand {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         let app = match self.lock_tokens().check(bearer) {
-            Ok(app) => app,
-            Err(Refusal::Invalid) => {
-                return criteo_error(
-                    StatusCode::UNAUTHORIZED,
-                    "authorization",
-                    "authorization-token-invalid",
-                    path,
-                    "Authorization token is invalid",
-                    "The access token is unknown to the sandbox, or was revoked",
-                );
-            }
-            Err(Refusal::Expired) => {
-                return criteo_error(
-                    StatusCode::UNAUTHORIZED,
-                    "authorization",
-                    "authorization-token-expired",
-                    path,
-                    "Authorization token has expired",
-                    "Get a new token and try again",
-                );
-            }
+            Ok(client) => APPS.iter().position(|a| a.client_id == client),
+            Err(refusal) => return refusal.response(path),
+        };
+        // Only the sandbox's apps are ever granted a token.
+        let Some(app) = app else {
+            return super::errors::Refusal::Invalid.response(path);
         };
         let (limit, remaining, reset) = match self.count_call(app) {
             Ok(quota) => quota,

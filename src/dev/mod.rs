@@ -14,8 +14,10 @@
 //! in the shapes of the official SDKs' models, each app seeing its own data.
 
 mod api;
+pub(crate) mod errors;
 mod oauth;
 mod report;
+pub(crate) mod tokens;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -91,9 +93,9 @@ pub(crate) struct Sandbox {
 }
 
 /// What the stand-in holds: tokens, what it saw, its rate-limit windows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Stand {
-    tokens: Mutex<oauth::Tokens>,
+    tokens: Mutex<tokens::Ledger>,
     seen: Mutex<VecDeque<Value>>,
     /// API calls still to be answered with a 429 (`/sandbox/throttle`).
     throttled: AtomicU32,
@@ -106,12 +108,8 @@ pub(crate) async fn start() -> std::io::Result<Sandbox> {
     let store = StoreDir::create()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let stand = Arc::new(Stand::default());
-    let seed = stand
-        .tokens
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .issue_refresh(1);
+    let stand = Arc::new(Stand::new());
+    let seed = stand.lock_tokens().issue_refresh(ACME_CLIENT_ID);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -228,6 +226,15 @@ refresh_token = "{seed}"
 }
 
 impl Stand {
+    fn new() -> Self {
+        Self {
+            tokens: Mutex::new(tokens::Ledger::new("sandbox")),
+            seen: Mutex::default(),
+            throttled: AtomicU32::new(0),
+            windows: Mutex::default(),
+        }
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
         let body = Limited::new(body, MAX_BODY)
@@ -267,7 +274,7 @@ impl Stand {
         }
     }
 
-    fn lock_tokens(&self) -> std::sync::MutexGuard<'_, oauth::Tokens> {
+    fn lock_tokens(&self) -> std::sync::MutexGuard<'_, tokens::Ledger> {
         self.tokens.lock().unwrap_or_else(|e| e.into_inner())
     }
 

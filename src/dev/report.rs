@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{Map, Value, json};
 
+use super::errors::criteo_error;
 use super::{App, json_response};
 
 /// The longest report, in days.
@@ -79,15 +80,13 @@ pub(super) fn statistics(app: &App, path: &str, body: &[u8]) -> Response<Full<By
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/csv"));
             resp
         }
-        other => json_response(
+        other => criteo_error(
             StatusCode::BAD_REQUEST,
-            &json!({"errors": [{
-                "type": "validation",
-                "code": "invalid",
-                "instance": path,
-                "title": "Unsupported format",
-                "detail": format!("the sandbox writes csv and json reports, not {other:?}"),
-            }]}),
+            "validation",
+            "invalid",
+            path,
+            "Unsupported format",
+            &format!("the sandbox writes csv and json reports, not {other:?}"),
         ),
     }
 }

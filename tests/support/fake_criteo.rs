@@ -4,15 +4,20 @@
 //! a spoiled rest, a huge `expires_in`, a redirect, an oversized body) and
 //! an API that answers 401 to unknown, expired or revoked tokens and echoes
 //! what it received.
+//!
+//! The tokens, the grants and Criteo's error shapes are the library's
+//! `sandbox` (the core of the `--dev` stand-in); this file adds only the
+//! test knobs and what it records.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
+use criteo_token_proxy::sandbox::{self, GrantError, Ledger, Refusal};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper::body::Incoming;
@@ -41,31 +46,6 @@ pub struct Seen {
 /// The address a connection came from, attached to each of its requests.
 #[derive(Debug, Clone, Copy)]
 struct Peer(SocketAddr);
-
-/// A refresh token the stand-in issued: single use, revocable.
-#[derive(Debug)]
-struct Refresh {
-    client_id: String,
-    spent: bool,
-    revoked: bool,
-    issued: u64,
-}
-
-/// An authorization code: valid 30 s, once, for one redirect_uri.
-#[derive(Debug)]
-struct Code {
-    client_id: String,
-    redirect_uri: String,
-    issued_at: Instant,
-    used: bool,
-}
-
-#[derive(Debug)]
-struct Issued {
-    client_id: String,
-    issued_at: Instant,
-    expires_at: Instant,
-}
 
 /// A 2xx token answer whose refresh token (if any) is good and whose
 /// rest is not. The refresh token, when there is one, comes first.
@@ -117,9 +97,8 @@ pub struct State {
     always_401: AtomicBool,
     /// 401 answers send their headers and a first chunk, then stall.
     stall_401_bodies: AtomicBool,
-    tokens: Mutex<HashMap<String, Issued>>,
-    revoked: Mutex<Vec<String>>,
-    counter: AtomicU64,
+    /// Tokens and codes issued, spent, revoked: the shared stand-in's.
+    ledger: Mutex<Ledger>,
     token_requests: watch::Sender<usize>,
     token_forms: Mutex<Vec<HashMap<String, String>>>,
     /// Renewals that came only after the previous token had expired.
@@ -131,12 +110,10 @@ pub struct State {
     /// Counted when a request arrives, before it is answered.
     api_arrivals: watch::Sender<usize>,
     release: Notify,
-    refresh_tokens: Mutex<HashMap<String, Refresh>>,
     /// Every refresh token presented, in order.
     refresh_presented: Mutex<Vec<String>>,
     /// Presentations of a refresh token that had already been used.
     spent_presented: AtomicUsize,
-    codes: Mutex<HashMap<String, Code>>,
     consent_denied: AtomicBool,
 }
 
@@ -241,7 +218,8 @@ impl FakeCriteo {
     }
 
     pub fn issued_tokens(&self) -> Vec<String> {
-        self.state.tokens.lock().unwrap().keys().cloned().collect()
+        let ledger = self.state.ledger.lock().unwrap();
+        ledger.access_tokens().map(str::to_owned).collect()
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -346,22 +324,17 @@ impl FakeCriteo {
 
     /// Invalidates every token issued so far: the API answers 401 to them.
     pub fn revoke_all_tokens(&self) {
-        let all: Vec<String> = self.issued_tokens();
-        self.state.revoked.lock().unwrap().extend(all);
+        self.state.ledger.lock().unwrap().revoke_access();
     }
 
     /// A fresh refresh token for `client_id`, as a consent would give.
     pub fn issue_refresh_token(&self, client_id: &str) -> String {
-        new_refresh_token(&self.state, client_id)
+        self.state.ledger.lock().unwrap().issue_refresh(client_id)
     }
 
     /// The one refresh token of `client_id` still usable, if any.
     pub fn newest_refresh_token(&self, client_id: &str) -> Option<String> {
-        let rts = self.state.refresh_tokens.lock().unwrap();
-        rts.iter()
-            .filter(|(_, r)| r.client_id == client_id && !r.spent && !r.revoked)
-            .max_by_key(|(_, r)| r.issued)
-            .map(|(t, _)| t.clone())
+        self.state.ledger.lock().unwrap().newest_refresh(client_id)
     }
 
     /// Every refresh token presented to the token endpoint, in order.
@@ -376,16 +349,13 @@ impl FakeCriteo {
 
     /// The consenting user left: every refresh token of the client dies.
     pub fn revoke_refresh_tokens(&self, client_id: &str) {
-        for r in self.state.refresh_tokens.lock().unwrap().values_mut() {
-            if r.client_id == client_id {
-                r.revoked = true;
-            }
-        }
+        self.state.ledger.lock().unwrap().revoke_refresh(client_id);
     }
 
     /// An authorization code, as the consent page would hand out.
     pub fn issue_code(&self, client_id: &str, redirect_uri: &str) -> String {
-        new_code(&self.state, client_id, redirect_uri)
+        let mut ledger = self.state.ledger.lock().unwrap();
+        ledger.issue_code(client_id, redirect_uri)
     }
 
     /// Makes the consent page answer `error=access_denied`.
@@ -470,9 +440,7 @@ impl Builder {
             outage: AtomicBool::new(self.outage),
             always_401: AtomicBool::new(false),
             stall_401_bodies: AtomicBool::new(false),
-            tokens: Mutex::new(HashMap::new()),
-            revoked: Mutex::new(Vec::new()),
-            counter: AtomicU64::new(0),
+            ledger: Mutex::new(Ledger::new("fake")),
             token_requests: watch::Sender::new(0),
             token_forms: Mutex::new(Vec::new()),
             late_renewals: AtomicUsize::new(0),
@@ -481,10 +449,8 @@ impl Builder {
             api_requests: watch::Sender::new(0),
             api_arrivals: watch::Sender::new(0),
             release: Notify::new(),
-            refresh_tokens: Mutex::new(HashMap::new()),
             refresh_presented: Mutex::new(Vec::new()),
             spent_presented: AtomicUsize::new(0),
-            codes: Mutex::new(HashMap::new()),
             consent_denied: AtomicBool::new(false),
         });
         let (acceptor, ca_pem) = if self.tls {
@@ -595,7 +561,11 @@ fn consent_page(st: &State, req: &Request<Incoming>) -> Response<Body> {
             .append_pair("error", "access_denied")
             .append_pair("state", state);
     } else {
-        let code = new_code(st, client_id, redirect_uri);
+        let code = st
+            .ledger
+            .lock()
+            .unwrap()
+            .issue_code(client_id, redirect_uri);
         target
             .query_pairs_mut()
             .append_pair("code", &code)
@@ -623,13 +593,8 @@ async fn token(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
 async fn token_answer(st: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let st = Arc::clone(st);
     let delay = *st.token_delay.lock().unwrap();
-    let ct = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     st.token_forms.lock().unwrap().push(form.clone());
     st.token_requests.send_modify(|c| *c += 1);
@@ -655,84 +620,42 @@ async fn token_answer(st: &Arc<State>, req: Request<Incoming>) -> Response<Body>
             json!({"error": "unavailable"}),
         );
     }
-    if ct != "application/x-www-form-urlencoded" {
-        return json_body(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "invalid_request", "error_description": "Content-Type must be form"}),
-        );
+    if let Err(e) = sandbox::form_encoded(&parts.headers) {
+        return e.response().map(Either::Left);
     }
     let id = form.get("client_id").cloned().unwrap_or_default();
-    let ok = st.clients.lock().unwrap().get(&id) == form.get("client_secret");
-    if !ok {
-        return json_body(
-            StatusCode::UNAUTHORIZED,
-            json!({"error": "invalid_client", "error_description": "unknown client or wrong secret"}),
-        );
+    let known = |id: &str, secret: &str| {
+        st.clients.lock().unwrap().get(id).map(String::as_str) == Some(secret)
+    };
+    let lifetime = *st.expires_in.lock().unwrap();
+    let mut ledger = st.ledger.lock().unwrap();
+    let late = ledger.newest_access_expired(&id);
+    let result = ledger.grant(&form, known, lifetime);
+    drop(ledger);
+    let authentic = result.as_ref().err() != Some(&GrantError::InvalidClient);
+    if authentic && form.get("grant_type").map(String::as_str) == Some("refresh_token") {
+        let presented = form.get("refresh_token").cloned().unwrap_or_default();
+        st.refresh_presented.lock().unwrap().push(presented);
     }
-    let invalid_grant = |why: &str| {
-        json_body(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "invalid_grant", "error_description": why}),
-        )
-    };
-    let refresh = match form.get("grant_type").map(String::as_str) {
-        Some("client_credentials") => None,
-        Some("refresh_token") => {
-            let presented = form.get("refresh_token").cloned().unwrap_or_default();
-            st.refresh_presented.lock().unwrap().push(presented.clone());
-            let mut rts = st.refresh_tokens.lock().unwrap();
-            match rts.get_mut(&presented) {
-                None => return invalid_grant("unknown refresh token"),
-                Some(r) if r.client_id != id => return invalid_grant("not this client's token"),
-                Some(r) if r.spent => {
-                    st.spent_presented.fetch_add(1, Ordering::SeqCst);
-                    return invalid_grant("refresh token already used");
-                }
-                Some(r) if r.revoked => return invalid_grant("consent revoked"),
-                Some(r) => r.spent = true,
+    let grant = match result {
+        Ok(grant) => grant,
+        Err(e) => {
+            if e == GrantError::RefreshTokenSpent {
+                st.spent_presented.fetch_add(1, Ordering::SeqCst);
             }
-            drop(rts);
-            Some(new_refresh_token(&st, &id))
-        }
-        Some("authorization_code") => {
-            let code = form.get("code").cloned().unwrap_or_default();
-            let redirect = form.get("redirect_uri").cloned().unwrap_or_default();
-            let mut codes = st.codes.lock().unwrap();
-            match codes.get_mut(&code) {
-                None => return invalid_grant("unknown code"),
-                Some(c) if c.used => return invalid_grant("code already used"),
-                Some(c) if c.issued_at.elapsed() > Duration::from_secs(30) => {
-                    return invalid_grant("code expired");
-                }
-                Some(c) if c.client_id != id || c.redirect_uri != redirect => {
-                    return invalid_grant("redirect_uri does not match the consent");
-                }
-                Some(c) => c.used = true,
-            }
-            drop(codes);
-            Some(new_refresh_token(&st, &id))
-        }
-        _ => {
-            return json_body(
-                StatusCode::BAD_REQUEST,
-                json!({"error": "unsupported_grant_type"}),
-            );
+            return e.response().map(Either::Left);
         }
     };
-    let (access, lifetime) = new_access_token(&st, id);
-    let grant = form.get("grant_type").cloned().unwrap_or_default();
-    if let Some(rt) = &refresh {
+    if late {
+        st.late_renewals.fetch_add(1, Ordering::SeqCst);
+    }
+    if let Some(rt) = &grant.refresh_token {
         st.answered_refresh_tokens
             .lock()
             .unwrap()
-            .push((grant, rt.clone()));
+            .push((grant.grant_type.clone(), rt.clone()));
     }
-    let expires_in = st
-        .advertised_expires_in
-        .lock()
-        .unwrap()
-        .clone()
-        .unwrap_or_else(|| json!(lifetime.as_secs()));
+    let advertised = st.advertised_expires_in.lock().unwrap().clone();
     let spoil = {
         let mut spoil = st.spoil.lock().unwrap();
         match spoil.take() {
@@ -744,60 +667,50 @@ async fn token_answer(st: &Arc<State>, req: Request<Incoming>) -> Response<Body>
             None => None,
         }
     };
-    let mut r = Response::new(Either::Left(Full::new(Bytes::from(answer_text(
-        &access,
-        expires_in,
-        refresh.as_deref(),
-        spoil.as_ref(),
-    )))));
+    let text = answer_text(grant.fields(), advertised, spoil.as_ref());
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(text))));
     r.headers_mut()
         .insert("content-type", "application/json".parse().unwrap());
     r
 }
 
-/// A 2xx token answer's text, the refresh token first, spoiled if asked.
+/// A 2xx token answer's text from the shared stand-in's fields (the
+/// refresh token first), `expires_in` as advertised, spoiled if asked.
 fn answer_text(
-    access: &str,
-    expires_in: Value,
-    refresh: Option<&str>,
+    mut fields: Vec<(&'static str, Value)>,
+    advertised: Option<Value>,
     spoil: Option<&Spoil>,
 ) -> String {
-    let mut fields: Vec<(&str, Value)> = Vec::new();
-    if let Some(rt) = refresh {
-        fields.push(("refresh_token", json!(rt)));
-    }
+    let refresh = fields.first().is_some_and(|(k, _)| *k == "refresh_token");
     if let Some(Spoil::Padded(n)) = spoil {
-        fields.push(("padding", json!("x".repeat(*n))));
+        fields.insert(usize::from(refresh), ("padding", json!("x".repeat(*n))));
     }
-    let access = match spoil {
-        Some(Spoil::EmptyAccessToken) => json!(""),
-        Some(Spoil::NonPrintableAccessToken) => json!(format!("{access}\u{1}x")),
-        Some(Spoil::NumericAccessToken(n)) => json!(n),
-        Some(Spoil::LongAccessToken) => json!(format!("{access}{}", "a".repeat(20 * 1024))),
-        _ => json!(access),
-    };
-    let token_type = match spoil {
-        Some(Spoil::TokenTypeMac) => "mac",
-        _ => "Bearer",
-    };
-    let expires_in = match spoil {
-        Some(Spoil::ExpiresInString) => json!("900"),
-        Some(Spoil::ExpiresInNegative) => json!(-5),
-        Some(Spoil::ExpiresInFraction) => json!(899.5),
-        _ => expires_in,
-    };
-    fields.extend([
-        ("access_token", access),
-        ("token_type", json!(token_type)),
-        ("expires_in", expires_in),
-    ]);
+    for (key, value) in &mut fields {
+        let text = value.as_str().unwrap_or("").to_owned();
+        *value = match (*key, spoil) {
+            ("access_token", Some(Spoil::EmptyAccessToken)) => json!(""),
+            ("access_token", Some(Spoil::NonPrintableAccessToken)) => {
+                json!(format!("{text}\u{1}x"))
+            }
+            ("access_token", Some(Spoil::NumericAccessToken(n))) => json!(n),
+            ("access_token", Some(Spoil::LongAccessToken)) => {
+                json!(format!("{text}{}", "a".repeat(20 * 1024)))
+            }
+            ("token_type", Some(Spoil::TokenTypeMac)) => json!("mac"),
+            ("expires_in", Some(Spoil::ExpiresInString)) => json!("900"),
+            ("expires_in", Some(Spoil::ExpiresInNegative)) => json!(-5),
+            ("expires_in", Some(Spoil::ExpiresInFraction)) => json!(899.5),
+            ("expires_in", _) if advertised.is_some() => advertised.clone().unwrap(),
+            _ => continue,
+        };
+    }
     let parts: Vec<String> = fields
         .iter()
         .map(|(k, v)| format!("{}:{v}", json!(k)))
         .collect();
     if spoil == Some(&Spoil::BrokenAfterRefreshToken) {
         // Cut inside the field after the refresh token (or the first one).
-        let keep = usize::from(refresh.is_some());
+        let keep = usize::from(refresh);
         let mut text = format!("{{{}", parts[..keep].join(","));
         if keep > 0 {
             text.push(',');
@@ -806,78 +719,6 @@ fn answer_text(
         return text;
     }
     format!("{{{}}}", parts.join(","))
-}
-
-fn new_refresh_token(st: &State, client_id: &str) -> String {
-    let n = st.counter.fetch_add(1, Ordering::SeqCst) + 1;
-    let rt = format!("fake-refresh-{n}-{:016x}", rand_u64());
-    st.refresh_tokens.lock().unwrap().insert(
-        rt.clone(),
-        Refresh {
-            client_id: client_id.to_owned(),
-            spent: false,
-            revoked: false,
-            issued: n,
-        },
-    );
-    rt
-}
-
-fn new_code(st: &State, client_id: &str, redirect_uri: &str) -> String {
-    let n = st.counter.fetch_add(1, Ordering::SeqCst) + 1;
-    let code = format!("fake-code-{n}-{:016x}", rand_u64());
-    st.codes.lock().unwrap().insert(
-        code.clone(),
-        Code {
-            client_id: client_id.to_owned(),
-            redirect_uri: redirect_uri.to_owned(),
-            issued_at: Instant::now(),
-            used: false,
-        },
-    );
-    code
-}
-
-fn new_access_token(st: &State, id: String) -> (String, Duration) {
-    let n = st.counter.fetch_add(1, Ordering::SeqCst) + 1;
-    let access = format!("fake-access-{n}-{:016x}", rand_u64());
-    let lifetime = *st.expires_in.lock().unwrap();
-    let now = Instant::now();
-    let mut tokens = st.tokens.lock().unwrap();
-    // Was the client's newest previous token already expired?
-    if let Some(prev) = tokens
-        .values()
-        .filter(|t| t.client_id == id)
-        .max_by_key(|t| t.issued_at)
-        && prev.expires_at <= now
-    {
-        st.late_renewals.fetch_add(1, Ordering::SeqCst);
-    }
-    tokens.insert(
-        access.clone(),
-        Issued {
-            client_id: id,
-            issued_at: now,
-            expires_at: now
-                .checked_add(lifetime)
-                .unwrap_or(now + Duration::from_secs(1 << 40)),
-        },
-    );
-    (access, lifetime)
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
-    h.finish()
-}
-
-fn criteo_401(code: &str) -> Response<Body> {
-    json_body(
-        StatusCode::UNAUTHORIZED,
-        json!({"errors": [{"type": "authorization", "code": code, "title": "Unauthorized"}]}),
-    )
 }
 
 async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
@@ -905,40 +746,36 @@ async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             .and_then(|(_, v)| v.parse().ok())
     };
 
-    let verdict = match &token {
-        None => Some("authorization-token-invalid"),
-        Some(t) => {
-            let tokens = st.tokens.lock().unwrap();
-            match tokens.get(t) {
-                None => Some("authorization-token-invalid"),
-                Some(i) if i.expires_at <= Instant::now() => {
-                    st.expired_presented.fetch_add(1, Ordering::SeqCst);
-                    Some("authorization-token-expired")
-                }
-                Some(_) if st.revoked.lock().unwrap().contains(t) => {
-                    Some("authorization-token-invalid")
-                }
-                Some(_) if st.always_401.load(Ordering::SeqCst) || path == "/always-401" => {
-                    Some("authorization-token-invalid")
-                }
-                Some(_) => None,
-            }
+    let verdict = match st.ledger.lock().unwrap().check(token.as_deref()) {
+        Err(Refusal::Expired) => {
+            st.expired_presented.fetch_add(1, Ordering::SeqCst);
+            Some(Refusal::Expired)
         }
+        Err(refusal) => Some(refusal),
+        Ok(_) if st.always_401.load(Ordering::SeqCst) || path == "/always-401" => {
+            Some(Refusal::Invalid)
+        }
+        Ok(_) => None,
     };
     let mut resp = match verdict {
-        Some(code) if st.stall_401_bodies.load(Ordering::SeqCst) => {
+        Some(refusal) if st.stall_401_bodies.load(Ordering::SeqCst) => {
             let mut r = Response::new(Either::Right(StreamBody::new(
-                tokio_stream::Chunks::stalling(code),
+                tokio_stream::Chunks::stalling(refusal.code()),
             )));
             *r.status_mut() = StatusCode::UNAUTHORIZED;
             r
         }
-        Some(code) => criteo_401(code),
+        Some(refusal) => refusal.response(&path).map(Either::Left),
         None => match path.as_str() {
-            "/forbidden" => json_body(
+            "/forbidden" => sandbox::criteo_error(
                 StatusCode::FORBIDDEN,
-                json!({"errors": [{"type": "authorization", "code": "forbidden", "title": "app access revoked"}]}),
-            ),
+                "authorization",
+                "forbidden",
+                &path,
+                "app access revoked",
+                "the app's access to this account was withdrawn",
+            )
+            .map(Either::Left),
             "/slow" => {
                 tokio::time::sleep(Duration::from_millis(param("ms").unwrap_or(1000))).await;
                 json_body(StatusCode::OK, json!({"slow": true}))
