@@ -31,7 +31,7 @@ pub use metrics::Metrics;
 pub use oauth::Granted;
 pub use server::{App, Listeners, StartError};
 pub use tenant::{Tenant, Tenants};
-pub use token::{State, Token, TokenCell};
+pub use token::{Newer, State, Token, TokenCell};
 
 /// Consent states, as the admin listener issues and checks them.
 pub mod consent {

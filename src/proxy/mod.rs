@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::error::{self, ProxyError};
 use crate::metrics::Metrics;
 use crate::tenant::{Tenant, Tenants};
-use crate::token::{State, Unavailable};
+use crate::token::{Newer, State, Unavailable};
 use crate::upstream::{Upstream, UpstreamBody};
 
 /// What the proxy listener answers: Criteo's streamed body, or the
@@ -209,7 +209,11 @@ impl Proxy {
         if let Some(generation) = tenant.tokens.inject(headers) {
             return Ok(generation);
         }
-        match tenant.tokens.wait_usable(0, self.wait_timeout).await {
+        match tenant
+            .tokens
+            .wait_usable(Newer::Any, self.wait_timeout)
+            .await
+        {
             Ok(token) => {
                 headers.insert(AUTHORIZATION, token.header().clone());
                 Ok(token.generation())

@@ -17,6 +17,7 @@ use super::unavailable;
 use super::{BodyEnd, BodyError, End, OutBody, Prepared, Proxy, ResponseBody, headers, prepare};
 use crate::error::{self, ProxyError};
 use crate::tenant::Tenant;
+use crate::token::Newer;
 use crate::upstream::{Slot, UpstreamBody};
 
 /// How much of a 401's body is read (and dropped) before the replay, so
@@ -146,7 +147,7 @@ impl Proxy {
         );
         let fresh = tenant
             .tokens
-            .wait_usable(generation, self.wait_timeout)
+            .wait_usable(Newer::Than(generation), self.wait_timeout)
             .await
             .map_err(|u| Failed::read(unavailable(tenant, u)))?;
         headers.insert(AUTHORIZATION, fresh.header().clone());

@@ -19,7 +19,7 @@ use rand::Rng;
 use secrecy::ExposeSecret;
 
 pub(crate) use cell::{Health, Unavailable};
-pub use cell::{State, TokenCell};
+pub use cell::{Newer, State, TokenCell};
 pub(crate) use refresh_grant::RefreshGrant;
 pub(crate) use source::TokenSource;
 
