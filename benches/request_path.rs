@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criteo_token_proxy::{App, Config, Listeners};
+use criteo_token_proxy::{App, Config, Listeners, Newer};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Empty, Full};
@@ -70,7 +70,7 @@ async fn proxy(upstream: &str) -> String {
     });
     for t in tenants.iter() {
         t.tokens
-            .wait_usable(0, Duration::from_secs(10))
+            .wait_usable(Newer::Any, Duration::from_secs(10))
             .await
             .unwrap();
     }

@@ -32,7 +32,7 @@ pub use metrics::Metrics;
 pub use oauth::Granted;
 pub use server::{App, Listeners, StartError};
 pub use tenant::{Tenant, Tenants};
-pub use token::{State, Token, TokenCell};
+pub use token::{Newer, State, Token, TokenCell};
 
 /// The core of a stand-in for Criteo (tokens issued, rotated and checked;
 /// the token endpoint's grants; Criteo's error shapes), shared by `--dev`

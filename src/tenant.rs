@@ -186,11 +186,7 @@ impl Tenants {
         self.ordered.iter()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.ordered.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ordered.is_empty()
     }
 }

@@ -18,6 +18,8 @@
 //! counter goes up when the head arrives and down when the response body
 //! ends.
 
+use std::convert::Infallible;
+use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -25,8 +27,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::watch;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 
 /// The timers of a connection, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -39,8 +47,8 @@ pub(crate) struct Timeouts {
 /// what its requests are served by (`app`), so that a request clones one
 /// reference, as it would for the app alone.
 #[derive(Debug)]
-pub(crate) struct Conn<T> {
-    pub(crate) app: T,
+struct Conn<T> {
+    app: T,
     /// Requests whose response has not ended.
     open: AtomicUsize,
     /// When the last response ended (coarse clock ticks); 0: none yet.
@@ -48,7 +56,7 @@ pub(crate) struct Conn<T> {
 }
 
 impl<T> Conn<T> {
-    pub(crate) fn new(app: T) -> Arc<Self> {
+    fn new(app: T) -> Arc<Self> {
         Arc::new(Self {
             app,
             open: AtomicUsize::new(0),
@@ -60,15 +68,15 @@ impl<T> Conn<T> {
 /// One request in progress on a connection, from its head to the end of
 /// its response body (or until either is dropped).
 #[derive(Debug)]
-pub(crate) struct Open<T>(Arc<Conn<T>>);
+struct Open<T>(Arc<Conn<T>>);
 
 impl<T> Open<T> {
-    pub(crate) fn begin(conn: &Arc<Conn<T>>) -> Self {
+    fn begin(conn: &Arc<Conn<T>>) -> Self {
         conn.open.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(conn))
     }
 
-    pub(crate) fn app(&self) -> &T {
+    fn app(&self) -> &T {
         &self.0.app
     }
 }
@@ -83,13 +91,13 @@ impl<T> Drop for Open<T> {
 
 /// A response body that keeps its request counted as open until it ends.
 #[derive(Debug)]
-pub(crate) struct Tracked<B, T> {
+struct Tracked<B, T> {
     body: B,
     open: Option<Open<T>>,
 }
 
 impl<B: Body, T> Tracked<B, T> {
-    pub(crate) fn new(body: B, open: Open<T>) -> Self {
+    fn new(body: B, open: Open<T>) -> Self {
         let open = (!body.is_end_stream()).then_some(open);
         Self { body, open }
     }
@@ -160,7 +168,7 @@ fn verdict(
 /// a graceful close; `permit` (its place under a connection limit) is
 /// given back before the socket closes, so a client that sees the close
 /// finds the place free.
-pub(crate) async fn drive<C, E, T, P>(
+async fn drive<C, E, T, P>(
     conn: C,
     shutdown: impl Fn(Pin<&mut C>),
     state: &Conn<T>,
@@ -210,6 +218,55 @@ where
     drop(permit);
     drop(stop);
     result
+}
+
+/// What a connection's requests are answered by: the proxy, or the admin
+/// service with the peer it answers.
+pub(crate) trait Handler: Send + Sync + 'static {
+    /// The listener, as its log lines name it.
+    const LISTENER: &'static str;
+    type Body: Body<Data: Send, Error: Into<Box<dyn StdError + Send + Sync>>>
+        + Send
+        + Unpin
+        + 'static;
+
+    fn call(&self, req: Request<Incoming>) -> impl Future<Output = Response<Self::Body>> + Send;
+}
+
+/// Serves one accepted connection on a task of its own: `handler` answers
+/// its requests, each counted open from its head to the end of its
+/// response body, and [`drive`] bounds its phases and closes it gracefully
+/// when `drain` shuts down. `permit` is its place under a connection limit.
+pub(crate) fn spawn<H: Handler>(
+    builder: &auto::Builder<TokioExecutor>,
+    stream: TcpStream,
+    handler: H,
+    timeouts: Timeouts,
+    drain: &Drain,
+    permit: OwnedSemaphorePermit,
+) {
+    let state = Conn::new(handler);
+    let svc = {
+        let state = Arc::clone(&state);
+        service_fn(move |req| {
+            let open = Open::begin(&state);
+            async move {
+                let resp = open.app().call(req).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, open)))
+            }
+        })
+    };
+    let http = builder
+        .serve_connection(TokioIo::new(stream), svc)
+        .into_owned();
+    let stop = drain.watcher();
+    tokio::spawn(async move {
+        let shutdown = |c: Pin<&mut _>| auto::Connection::graceful_shutdown(c);
+        let served = drive(http, shutdown, &state, timeouts, stop, permit);
+        if let Err(e) = served.await {
+            tracing::debug!(error = %e, "{} connection ended with an error", H::LISTENER);
+        }
+    });
 }
 
 /// Tells every connection to close gracefully and waits until they have

@@ -4,7 +4,6 @@
 //! `server.shutdown_grace`; stop the refreshers, letting a rotation in
 //! flight finish and save within what is left of that grace).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::conn::auto;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -34,7 +34,7 @@ mod refreshers;
 mod reload;
 mod worker;
 
-use conn::{Conn, Drain, Open, Refusals, Tracked};
+use conn::{Drain, Refusals};
 use control::{Control, Plane};
 use refreshers::Refreshers;
 
@@ -227,32 +227,14 @@ impl App {
         let connections = Arc::new(Semaphore::new(self.limits.max_connections));
         let admin_connections = Arc::new(Semaphore::new(self.limits.admin_max_connections));
         let mut refused = Refused::new(self.metrics.clone());
-        let serve_admin = |stream: tokio::net::TcpStream,
-                           peer: SocketAddr,
-                           permit: OwnedSemaphorePermit| {
-            let state = Conn::new(Arc::clone(&self.admin));
-            let svc = {
-                let state = Arc::clone(&state);
-                service_fn(move |req| {
-                    let open = Open::begin(&state);
-                    async move {
-                        let resp = open.app().handle(req, peer).await;
-                        Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, open)))
-                    }
-                })
+        let serve_admin =
+            |stream: tokio::net::TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit| {
+                let admin = AdminPeer {
+                    admin: Arc::clone(&self.admin),
+                    peer,
+                };
+                conn::spawn(&builder, stream, admin, timeouts, &admin_drain, permit);
             };
-            let http = builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .into_owned();
-            let stop = admin_drain.watcher();
-            tokio::spawn(async move {
-                let shutdown = |c: std::pin::Pin<&mut _>| auto::Connection::graceful_shutdown(c);
-                let served = conn::drive(http, shutdown, &state, timeouts, stop, permit);
-                if let Err(e) = served.await {
-                    tracing::debug!(error = %e, "admin connection ended with an error");
-                }
-            });
-        };
         // An admin connection over the cap is closed at once.
         let admit = |stream, peer, refused: &mut Refused| match Arc::clone(&admin_connections)
             .try_acquire_owned()
@@ -336,6 +318,23 @@ impl App {
 fn allowed(nets: Option<&[ipnet::IpNet]>, peer: SocketAddr) -> bool {
     let ip = peer.ip().to_canonical();
     nets.is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
+}
+
+/// What an admin connection's requests are answered by: the admin service,
+/// with the peer it checks them against.
+#[derive(Debug)]
+struct AdminPeer {
+    admin: Arc<Admin>,
+    peer: SocketAddr,
+}
+
+impl conn::Handler for AdminPeer {
+    const LISTENER: &'static str = "admin";
+    type Body = Full<Bytes>;
+
+    fn call(&self, req: Request<Incoming>) -> impl Future<Output = Response<Full<Bytes>>> + Send {
+        self.admin.handle(req, self.peer)
+    }
 }
 
 /// Why a connection was closed at accept.

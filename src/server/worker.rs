@@ -10,18 +10,19 @@
 //! The acceptor hands connections out round-robin; tokens, tenants and
 //! metrics are shared, lock-free.
 
-use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 
-use super::conn::{self, Conn, Drain, Open, Timeouts, Tracked};
+use super::conn::{self, Drain, Timeouts};
 use crate::config::UpstreamConfig;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ResponseBody};
 use crate::upstream::Upstream;
 
 /// A connection handed to a worker, with its place under
@@ -220,34 +221,23 @@ async fn serve(
         let Ok(stream) = tokio::net::TcpStream::from_std(handoff.stream) else {
             continue;
         };
-        let state = Conn::new(Arc::clone(&proxy));
-        let svc = {
-            let state = Arc::clone(&state);
-            service_fn(move |req| {
-                let open = Open::begin(&state);
-                async move {
-                    let resp = open.app().handle(req).await;
-                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, open)))
-                }
-            })
-        };
-        let http = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let stop = drain.watcher();
-        tokio::spawn(async move {
-            let shutdown = |c: std::pin::Pin<&mut _>| auto::Connection::graceful_shutdown(c);
-            let served = conn::drive(http, shutdown, &state, timeouts, stop, handoff.permit);
-            if let Err(e) = served.await {
-                tracing::debug!(error = %e, "proxy connection ended with an error");
-            }
-        });
+        let proxy = Arc::clone(&proxy);
+        conn::spawn(&builder, stream, proxy, timeouts, &drain, handoff.permit);
     }
     tokio::select! {
         () = drain.shutdown() => {}
         () = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "grace period over; closing remaining proxy connections");
         }
+    }
+}
+
+impl conn::Handler for Arc<Proxy> {
+    const LISTENER: &'static str = "proxy";
+    type Body = ResponseBody;
+
+    fn call(&self, req: Request<Incoming>) -> impl Future<Output = Response<ResponseBody>> + Send {
+        self.handle(req)
     }
 }
 

@@ -275,7 +275,7 @@ mod tests {
             ready_now(other).await,
             "another tenant's lease is independent"
         );
-        drop(held);
+        drop(held); // released on drop, as the refresher releases it
         let again = tokio::time::timeout(std::time::Duration::from_secs(10), second)
             .await
             .expect("granted once released");

@@ -62,6 +62,24 @@ pub struct Unavailable {
     pub retry_after: Duration,
 }
 
+/// Which token [`TokenCell::wait_usable`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Newer {
+    /// Any usable one: the request has none yet.
+    Any,
+    /// One newer than this generation, which the upstream refused.
+    Than(u64),
+}
+
+impl Newer {
+    fn admits(self, generation: u64) -> bool {
+        match self {
+            Newer::Any => true,
+            Newer::Than(refused) => generation > refused,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct TokenCell {
     current: ArcSwapOption<Token>,
@@ -135,12 +153,12 @@ impl TokenCell {
         Some(token.generation())
     }
 
-    /// A usable token newer than `newer_than`, waiting at most `wait` for
-    /// the refresher to get one. Fails fast when waiting cannot help (the
-    /// refresher is backing off after a failure).
+    /// A usable token, [`Newer`] than the one a 401 refused if any,
+    /// waiting at most `wait` for the refresher to get one. Fails fast when
+    /// waiting cannot help (the refresher is backing off after a failure).
     pub async fn wait_usable(
         &self,
-        newer_than: u64,
+        newer: Newer,
         wait: Duration,
     ) -> Result<Arc<Token>, Unavailable> {
         let now = tokio::time::Instant::now();
@@ -149,7 +167,7 @@ impl TokenCell {
         let mut attempts = self.attempts.subscribe();
         loop {
             if let Some(t) = self.usable()
-                && t.generation() > newer_than
+                && newer.admits(t.generation())
             {
                 return Ok(t);
             }
@@ -283,5 +301,18 @@ impl TokenCell {
     /// Announces the end of an attempt to every waiting request.
     pub(crate) fn attempt_done(&self) {
         self.attempts.send_replace(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_waits_for_a_token_newer_than_the_refused_one() {
+        assert!(Newer::Any.admits(1));
+        assert!(!Newer::Than(3).admits(3), "the refused token itself");
+        assert!(!Newer::Than(3).admits(2));
+        assert!(Newer::Than(3).admits(4));
     }
 }

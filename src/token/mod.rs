@@ -19,7 +19,7 @@ use rand::Rng;
 use secrecy::ExposeSecret;
 
 pub(crate) use cell::{Health, Unavailable};
-pub use cell::{State, TokenCell};
+pub use cell::{Newer, State, TokenCell};
 pub(crate) use refresh_grant::RefreshGrant;
 pub(crate) use source::TokenSource;
 
@@ -43,7 +43,6 @@ pub struct Token {
     header: HeaderValue,
     generation: u64,
     lifetime: Duration,
-    obtained_at: Instant,
     refresh_at: Instant,
     usable_until: Instant,
     /// The same moment on the coarse clock, which the request path reads:
@@ -105,7 +104,6 @@ impl Token {
             header,
             generation,
             lifetime,
-            obtained_at: requested_at,
             refresh_at: at(refresh_in)?,
             usable_until,
         })
@@ -122,12 +120,8 @@ impl Token {
         self.generation
     }
 
-    #[inline]
-    pub fn is_usable(&self, now: Instant) -> bool {
-        now < self.usable_until
-    }
-
-    /// [`Token::is_usable`] on the coarse clock, for the request path.
+    /// Whether the proxy still uses this token, on the coarse clock (the
+    /// request path reads it).
     #[inline]
     pub fn is_usable_now(&self) -> bool {
         coarsetime::Instant::now() < self.usable_until_coarse
@@ -135,10 +129,6 @@ impl Token {
 
     pub fn refresh_at(&self) -> Instant {
         self.refresh_at
-    }
-
-    pub fn obtained_at(&self) -> Instant {
-        self.obtained_at
     }
 
     /// Time left before the proxy stops using this token.
@@ -219,7 +209,7 @@ mod tests {
             assert!(t.remaining(Instant::now()) <= MAX_LIFETIME);
             if secs >= 1 {
                 assert!(t.is_usable_now(), "{secs}");
-                assert!(t.is_usable(Instant::now()), "{secs}");
+                assert!(t.remaining(Instant::now()) > Duration::ZERO, "{secs}");
             }
         }
     }
