@@ -531,10 +531,11 @@ async fn client_credentials_headers_and_hop_by_hop_never_reach_criteo() {
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502_and_a_slow_one_a_504() {
     let fake = FakeCriteo::start().await;
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // Bound but never listening: connecting is refused, and the port stays
+    // ours for the whole test (a freed port could be taken by another test).
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = reserved.local_addr().unwrap();
     let proxy = TestProxy::builder(&fake)
         .upstream_url(&format!("http://{closed}"))
         .start()

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -31,12 +31,14 @@ use crate::upstream::{Upstream, UpstreamError};
 mod conn;
 mod control;
 mod refreshers;
+mod refusals;
 mod reload;
 mod worker;
 
-use conn::{Drain, Refusals};
+use conn::Drain;
 use control::{Control, Plane};
 use refreshers::Refreshers;
+use refusals::{Refusal, Refused, allowed};
 
 /// The two sockets the proxy serves, bound by the caller (tests bind
 /// `127.0.0.1:0`, so they never race for ports).
@@ -314,12 +316,6 @@ impl App {
     }
 }
 
-/// Whether `server.allowed_clients` (if set) lets a client at `peer` in.
-fn allowed(nets: Option<&[ipnet::IpNet]>, peer: SocketAddr) -> bool {
-    let ip = peer.ip().to_canonical();
-    nets.is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
-}
-
 /// What an admin connection's requests are answered by: the admin service,
 /// with the peer it checks them against.
 #[derive(Debug)]
@@ -334,66 +330,6 @@ impl conn::Handler for AdminPeer {
 
     fn call(&self, req: Request<Incoming>) -> impl Future<Output = Response<Full<Bytes>>> + Send {
         self.admin.handle(req, self.peer)
-    }
-}
-
-/// Why a connection was closed at accept.
-#[derive(Debug, Clone, Copy)]
-enum Refusal {
-    NotAllowed,
-    ProxyFull,
-    AdminFull,
-}
-
-impl Refusal {
-    /// The metric's `listener` and `reason` labels.
-    fn labels(self) -> (&'static str, &'static str) {
-        match self {
-            Refusal::NotAllowed => ("proxy", "allowed_clients"),
-            Refusal::ProxyFull => ("proxy", "max_connections"),
-            Refusal::AdminFull => ("admin", "max_connections"),
-        }
-    }
-}
-
-/// Counts refused connections in the metrics, and logs them at most once
-/// per period per kind (a flood of connections is not a flood of lines).
-#[derive(Debug)]
-struct Refused {
-    metrics: Metrics,
-    logs: [Refusals; 3],
-}
-
-impl Refused {
-    fn new(metrics: Metrics) -> Self {
-        Self {
-            metrics,
-            logs: [Refusals::new(), Refusals::new(), Refusals::new()],
-        }
-    }
-
-    /// Counts one refusal of a client at `peer`.
-    fn count(&mut self, why: Refusal, peer: SocketAddr) {
-        let (listener, reason) = why.labels();
-        self.metrics.connection_refused(listener, reason);
-        let Some(n) = self.logs[why as usize].refused(Instant::now()) else {
-            return;
-        };
-        match why {
-            Refusal::NotAllowed => tracing::warn!(
-                refused = n,
-                client = %peer.ip(),
-                "connections from outside server.allowed_clients closed at accept (count since the last such line)"
-            ),
-            Refusal::ProxyFull => tracing::warn!(
-                refused = n,
-                "server.max_connections reached: connections closed at accept (count since the last such line)"
-            ),
-            Refusal::AdminFull => tracing::warn!(
-                refused = n,
-                "server.admin_max_connections reached: connections closed at accept (count since the last such line)"
-            ),
-        }
     }
 }
 
