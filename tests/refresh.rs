@@ -539,6 +539,20 @@ async fn a_rotated_token_that_cannot_be_saved_is_kept_and_saved_before_the_next_
     assert_eq!(health.state.as_str(), "failing");
     assert_eq!(tenant_state(&proxy, "acme").await["state"], "failing");
     let requests_while_broken = fake.token_requests();
+    // Still broken: the next attempts retry the save, and never present
+    // the rotated token, which is only in memory (a crash now would leave
+    // the store with the spent one).
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(10), attempts.changed())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        fake.token_requests(),
+        requests_while_broken,
+        "nothing is rotated while the store cannot be written"
+    );
 
     // Repaired: the token kept in memory is saved first, then used.
     std::fs::remove_file(&folder).unwrap();

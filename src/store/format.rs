@@ -24,7 +24,7 @@ pub(super) struct Entry {
     pub(super) updated_at: String,
 }
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub(super) struct StoreFile {
     pub(super) version: u32,
     /// Writes so far; each one takes the next number.

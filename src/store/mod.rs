@@ -160,16 +160,18 @@ impl FileStore {
         change: impl FnOnce(&mut StoreFile) -> Result<T, E>,
     ) -> Result<T, E> {
         let _writer = self.writing.lock().await;
-        let (bytes, out) = {
-            let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
-            let out = change(&mut data)?;
-            let bytes = serde_json::to_vec_pretty(&*data).map_err(io::Error::other)?;
-            (bytes, out)
-        };
+        // The change is made on a copy, which replaces the data only once
+        // it is on disk: a write that fails leaves the data (and so every
+        // generation a caller holds) as it was. The writer lock keeps
+        // another change from slipping in between.
+        let mut next = self.data.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let out = change(&mut next)?;
+        let bytes = serde_json::to_vec_pretty(&next).map_err(io::Error::other)?;
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || disk::write_atomically(&path, &bytes))
             .await
             .map_err(io::Error::other)??;
+        *self.data.lock().unwrap_or_else(|e| e.into_inner()) = next;
         let stale = std::mem::take(&mut *self.stale.lock().unwrap_or_else(|e| e.into_inner()));
         if !stale.is_empty() {
             let path = self.path.clone();
