@@ -529,6 +529,31 @@ async fn client_credentials_headers_and_hop_by_hop_never_reach_criteo() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_accepts_and_never_handshakes_is_a_502_within_connect_timeout() {
+    let fake = FakeCriteo::start().await;
+    // The kernel accepts the TCP connection into the backlog; nothing ever
+    // answers the TLS ClientHello.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let proxy = TestProxy::builder(&fake)
+        .upstream_url(&format!("https://{addr}"))
+        .upstream("connect_timeout = \"300ms\"")
+        .upstream("timeout = \"60s\"")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    let resp = tokio::time::timeout(Duration::from_secs(20), proxy.get("/x"))
+        .await
+        .expect("the stalled handshake is bounded by upstream.connect_timeout");
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        resp.headers()["x-criteo-proxy-error"],
+        "upstream_unreachable"
+    );
+    drop(silent);
+}
+
+#[tokio::test]
 async fn an_unreachable_upstream_is_a_502_and_a_slow_one_a_504() {
     let fake = FakeCriteo::start().await;
     // Bound but never listening: connecting is refused, and the port stays

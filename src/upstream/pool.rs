@@ -78,7 +78,8 @@ pub(super) struct Pool {
     /// there are any, so the common path takes no lock.
     pub(super) waiting: AtomicUsize,
     pub(super) freed: Notify,
-    /// How long a request waits for a slot.
+    /// `upstream.connect_timeout`: how long a request waits for a slot,
+    /// and the bound on dialing a connection (TCP and TLS).
     pub(super) queue_wait: Duration,
 }
 
@@ -291,6 +292,9 @@ impl Pool {
         {
             return Err(SendError::SharedDial(Arc::clone(why)));
         }
+        // Cleared first: a dial whose request is dropped midway must not
+        // leave an older failure for the next waiter to report.
+        *failed = None;
         self.dials.fetch_add(1, Ordering::SeqCst);
         let dialed = self.dial().await;
         *failed = dialed
@@ -305,9 +309,21 @@ impl Pool {
         poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(SendError::Connect)?;
-        let io = connector
-            .call(self.dial.clone())
+        // `upstream.connect_timeout` bounds TCP and TLS together: the
+        // connector's own timeout covers only the TCP connect, and a peer
+        // that accepts and then stalls the handshake must not hold this
+        // request (nor, under HTTP/2 single flight, every other) forever.
+        let io = tokio::time::timeout(self.queue_wait, connector.call(self.dial.clone()))
             .await
+            .map_err(|_| {
+                SendError::Connect(
+                    format!(
+                        "no TLS handshake within {:?} (upstream.connect_timeout)",
+                        self.queue_wait
+                    )
+                    .into(),
+                )
+            })?
             .map_err(SendError::Connect)?;
         if io.connected().is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
