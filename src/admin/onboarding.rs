@@ -28,6 +28,7 @@ use super::exchanges::{self, Busy, Exchanges};
 use crate::config::ConsentConfig;
 use crate::error::json_response;
 use crate::metrics::Metrics;
+use crate::oauth::GrantError;
 use crate::oauth::consent::{self, STATE_TTL, StateClaims, StateError};
 use crate::tenant::Tenants;
 use crate::token::{Grants, RefreshGrant, Token};
@@ -206,7 +207,21 @@ impl Onboarding {
         let requested_at = Instant::now();
         slot.start(requested_at);
         // The code is valid 30 s: the token endpoint timeout is well below.
-        match grant.exchange_code(&code).await {
+        // The exchange (and the renewal that follows it when its access
+        // token is unusable) runs in a task of its own: a browser that
+        // closes its tab drops this request, and with it anything the
+        // request awaits, but a rotation Criteo has answered must reach
+        // the store.
+        let exchange = {
+            let grant = Arc::clone(&grant);
+            tokio::spawn(async move { grant.exchange_code(&code).await })
+        };
+        let exchanged = exchange.await.unwrap_or_else(|e| {
+            Err(GrantError::Transient(format!(
+                "the code exchange did not finish: {e}"
+            )))
+        });
+        match exchanged {
             Ok(granted) => {
                 match Token::new(
                     &granted,

@@ -4,8 +4,10 @@
 //! up `/healthz` or a new proxy connection. A reload publishes the new
 //! tenant set through the shared `ArcSwap`, which the request path reads.
 //!
-//! At shutdown the accept loop, once its connections are drained, hands
-//! this task the deadline by which the refreshers must have stopped.
+//! At shutdown the accept loop, as soon as it stops accepting, hands this
+//! task the deadline by which the refreshers must have stopped: no new
+//! token request starts during the drain, and one under way (a rotation)
+//! has until the deadline to finish and save.
 
 use std::path::PathBuf;
 use std::sync::Arc;

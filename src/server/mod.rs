@@ -282,6 +282,10 @@ impl App {
         // (the admin listener stays open so probes see it).
         self.admin.begin_shutdown();
         drop(proxy_listener);
+        // The refreshers are told now, not after the drain: none starts a
+        // new token request (a rotation) that the deadline could cut off;
+        // one already under way gets until the deadline to finish and save.
+        let refreshers_stopped = tokio::spawn(control.shutdown(deadline));
         tracing::info!(grace = ?self.shutdown_grace, "shutting down: finishing in-flight requests");
         // Stage 2: in-flight requests finish within the grace period (each
         // worker bounds its own wait), while the admin listener answers.
@@ -303,10 +307,10 @@ impl App {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         tracing::info!("connections closed");
-        // Stage 3: stop the refreshers. One in the middle of a token request
-        // (a rotation, whose new refresh token must reach the store) gets
-        // until the deadline to finish it.
-        control.shutdown(deadline).await;
+        // Stage 3: the refreshers have stopped, or the one in the middle of
+        // a token request (a rotation, whose new refresh token must reach
+        // the store) has had until the deadline to finish it.
+        let _ = refreshers_stopped.await;
         Ok(())
     }
 
