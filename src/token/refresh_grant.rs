@@ -187,6 +187,12 @@ impl RefreshGrant {
             .await
             .map_err(|e| store_error("cannot take the tenant's refresh lease", e))?;
         let mut chain = self.chain().await?;
+        if chain.current.is_none() && !chain.unsaved {
+            // Nothing in hand: another grant of this tenant (one a reload
+            // replaced, finishing an onboarding) may have saved a token
+            // since this one read the store.
+            *chain = self.first_chain().await?;
+        }
         if chain.unsaved {
             self.save(&mut chain).await?;
         }
