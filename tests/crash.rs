@@ -41,7 +41,7 @@ redirect_uri = "http://{admin}/oauth/callback"
 {seed}"#,
         url = fake.url(),
         token_url = fake.token_url(),
-        store = dir.join("tokens.json").display(),
+        store = dir.join("tokens.db").display(),
         refresh = if support::short_tokens(fake) {
             support::SHORT_TOKENS
         } else {
