@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, params};
 
 use super::sqlite::{self, Found, SqliteStore};
-use super::{FileStore, StoreError, TokenStore, disk};
+use super::{FileStore, StoreError, TokenStore, disk, format};
 
 /// Opens the token store at `path` (see the module's doc).
 pub(crate) fn open(path: &Path) -> Result<Arc<dyn TokenStore>, StoreError> {
@@ -86,7 +86,7 @@ fn import(path: &Path) -> Result<SqliteStore, StoreError> {
         )
         .map_err(io::Error::other)?;
         conn.pragma_update(None, "synchronous", "FULL")
-            .and_then(|()| sqlite::write_import(&mut conn, &data))
+            .and_then(|()| write_import(&mut conn, &data))
             .map_err(io::Error::other)?;
         conn.close().map_err(|(_, e)| io::Error::other(e))?;
         File::open(&tmp)?.sync_all()
@@ -116,6 +116,39 @@ fn import(path: &Path) -> Result<SqliteStore, StoreError> {
     let stale = stale.into_inner().unwrap_or_else(|e| e.into_inner());
     super::remove_all(&resolved, &stale);
     SqliteStore::open_locked(resolved, lock)
+}
+
+/// Writes `file` (a JSON store of an earlier release) into `conn`, in one
+/// transaction: every tenant with its rejected flag, every presented seed.
+fn write_import(conn: &mut Connection, file: &format::StoreFile) -> rusqlite::Result<()> {
+    conn.execute_batch(sqlite::SCHEMA)?;
+    conn.pragma_update(None, "user_version", sqlite::SCHEMA_VERSION)?;
+    let tx = conn.transaction()?;
+    for (name, entry) in &file.tenants {
+        let updated = if entry.updated_at.is_empty() {
+            sqlite::now()
+        } else {
+            entry.updated_at.clone()
+        };
+        tx.execute(
+            "INSERT INTO tenants (name, refresh_token, rejected, generation, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                name,
+                entry.refresh_token,
+                entry.rejected,
+                i64::try_from(entry.seq.max(1)).unwrap_or(i64::MAX),
+                updated
+            ],
+        )?;
+    }
+    for hash in &file.presented_seeds {
+        tx.execute(
+            "INSERT OR IGNORE INTO presented_seeds (hash) VALUES (?1)",
+            [hash],
+        )?;
+    }
+    tx.commit()
 }
 
 /// `.<name>.import.`: the prefix of a database being imported.

@@ -26,9 +26,9 @@ use super::{Generation, Put, PutError, Record, StoreError, TokenStore, disk, for
 const MAGIC: &[u8] = b"SQLite format 3\0";
 
 /// The schema this release writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 1;
 
-const SCHEMA: &str = "
+pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tenants (
     name          TEXT PRIMARY KEY NOT NULL,
     client_id     TEXT NOT NULL DEFAULT '',
@@ -253,7 +253,7 @@ fn load(conn: &Connection) -> rusqlite::Result<Cache> {
     Ok(cache)
 }
 
-fn now() -> String {
+pub(super) fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
@@ -270,42 +270,6 @@ fn generation(conn: &Connection, tenant: &str) -> rusqlite::Result<Generation> {
     )
     .optional()
     .map(|g| Generation(g.map_or(0, |g| g.unsigned_abs())))
-}
-
-/// Writes `file` (a JSON store of an earlier release) into `conn`, in one
-/// transaction: every tenant with its rejected flag, every presented seed.
-pub(super) fn write_import(
-    conn: &mut Connection,
-    file: &format::StoreFile,
-) -> rusqlite::Result<()> {
-    conn.execute_batch(SCHEMA)?;
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    let tx = conn.transaction()?;
-    for (name, entry) in &file.tenants {
-        let updated = if entry.updated_at.is_empty() {
-            now()
-        } else {
-            entry.updated_at.clone()
-        };
-        tx.execute(
-            "INSERT INTO tenants (name, refresh_token, rejected, generation, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                name,
-                entry.refresh_token,
-                entry.rejected,
-                i64::try_from(entry.seq.max(1)).unwrap_or(i64::MAX),
-                updated
-            ],
-        )?;
-    }
-    for hash in &file.presented_seeds {
-        tx.execute(
-            "INSERT OR IGNORE INTO presented_seeds (hash) VALUES (?1)",
-            [hash],
-        )?;
-    }
-    tx.commit()
 }
 
 // === impl SqliteStore ===
