@@ -41,7 +41,7 @@ redirect_uri = "http://{admin}/oauth/callback"
 {seed}"#,
         url = fake.url(),
         token_url = fake.token_url(),
-        store = dir.join("tokens.json").display(),
+        store = dir.join("tokens.db").display(),
         refresh = if support::short_tokens(fake) {
             support::SHORT_TOKENS
         } else {
@@ -139,10 +139,10 @@ async fn kill_9_while_a_rotated_token_is_being_saved_loses_no_refresh_token() {
     for _ in 0..6 {
         let mut proxy = Running::start(&path, "info").await;
         proxy.wait_for_message("access token obtained").await;
-        // Aimed at the next rotation's save: the new token is written to
-        // a temporary file, not yet renamed over the store.
+        // Aimed at the next rotation's save: the new token is being
+        // written to the database's write-ahead log.
         let folder = dir.path().to_owned();
-        if tokio::task::spawn_blocking(move || written_temp_file(&folder))
+        if tokio::task::spawn_blocking(move || log_written(&folder))
             .await
             .unwrap()
         {
@@ -150,7 +150,7 @@ async fn kill_9_while_a_rotated_token_is_being_saved_loses_no_refresh_token() {
         }
         proxy.kill9().await;
     }
-    eprintln!("{caught} of 6 kills landed between the temporary file and the rename");
+    eprintln!("{caught} of 6 kills landed just as the log was written");
 
     let mut proxy = Running::start(&path, "info").await;
     proxy.wait_for_message("access token obtained").await;
@@ -171,18 +171,20 @@ async fn kill_9_while_a_rotated_token_is_being_saved_loses_no_refresh_token() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-/// Watches `folder` until a store's temporary file with content appears
-/// (true), or a few rotations have gone by unseen (false: the rename came
-/// first; the kill then lands just after it).
-fn written_temp_file(folder: &Path) -> bool {
+/// Watches `folder` until the store's write-ahead log changes (true: a
+/// save is under way), or a few rotations have gone by unseen (false).
+fn log_written(folder: &Path) -> bool {
+    let log = folder.join("tokens.db-wal");
+    let seen = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let before = seen(&log);
     let until = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < until {
-        for entry in std::fs::read_dir(folder).unwrap().flatten() {
-            if entry.file_name().to_string_lossy().contains(".tmp.")
-                && entry.metadata().is_ok_and(|m| m.len() > 0)
-            {
-                return true;
-            }
+        if seen(&log) != before {
+            return true;
         }
     }
     false

@@ -44,15 +44,8 @@ fn acme(fake: &FakeCriteo, dir: &Path, seed: Option<&str>) -> ProxyBuilder {
         ))
 }
 
-fn stored(dir: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(store_path(dir)).unwrap()).unwrap()
-}
-
 fn stored_token(dir: &Path) -> String {
-    stored(dir)["tenants"]["acme"]["refresh_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    support::stored::stored_token(&store_path(dir), "acme")
 }
 
 async fn get(url: &str) -> reqwest::Response {
@@ -182,7 +175,10 @@ async fn a_refused_seed_is_not_presented_again_after_a_restart() {
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["x-criteo-proxy-error"], "consent_required");
     proxy.stop().await;
-    assert_eq!(stored(dir.path())["tenants"]["acme"]["rejected"], true);
+    assert_eq!(
+        support::stored::stored(&store_path(dir.path()), "acme").map(|s| s.1),
+        Some(true)
+    );
 
     let proxy = acme(&fake, dir.path(), Some("dead-seed")).start().await;
     let resp = get(&format!("{}/x", proxy.url)).await;

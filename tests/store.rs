@@ -8,7 +8,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use support::process::{Running, command, write};
 use support::{FakeCriteo, ProxyBuilder, TestProxy};
 
@@ -46,22 +46,23 @@ fn acme_toml(fake: &FakeCriteo, store: &Path) -> String {
         .replace("{admin}", "http://127.0.0.1:9")
 }
 
-fn read_json(path: &Path) -> Value {
-    serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
-}
-
 fn stored_token(path: &Path) -> String {
-    read_json(path)["tenants"]["acme"]["refresh_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    support::stored::stored_token(path, "acme")
 }
 
-/// The folder's file names, sorted.
+/// The folder's file names, sorted; the backup of an imported JSON store
+/// (`tokens.json.imported-<unix time>`) as `tokens.json.imported-*`. The
+/// database's `-wal` and `-shm` files are part of the live database (SQLite
+/// removes them at the last close, which may come just after a stop).
 fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with("-wal") && !n.ends_with("-shm"))
+        .map(|n| match n.split_once(".imported-") {
+            Some((stem, _)) => format!("{stem}.imported-*"),
+            None => n,
+        })
         .collect();
     names.sort();
     names
@@ -113,16 +114,21 @@ async fn a_newer_token_left_in_a_temporary_file_is_used_at_start_and_the_file_re
     let newest = stored_token(&store);
     assert_eq!(Some(newest.clone()), fake.newest_refresh_token(ACME_ID));
 
-    // The state a kill leaves after the new file was written and synced,
-    // before the rename: the store file still names the token just spent.
-    let written = read_json(&store);
-    let mut before = written.clone();
-    let seq = written["tenants"]["acme"]["seq"].as_u64().unwrap();
-    before["tenants"]["acme"]["refresh_token"] = json!(seed);
-    before["tenants"]["acme"]["seq"] = json!(seq - 1);
-    before["seq"] = json!(seq - 1);
-    fs::rename(&store, dir.path().join(".tokens.json.tmp.5e3c0d1f")).unwrap();
-    fs::write(&store, before.to_string()).unwrap();
+    // An earlier release's JSON store as a kill leaves it after the new
+    // file was written and synced, before the rename: the store file still
+    // names the token just spent.
+    let entry = |token: &str, seq: u64| {
+        json!({"version": 1, "seq": seq, "tenants": {"acme": {
+            "refresh_token": token, "rejected": false, "seq": seq, "updated_at": "2026-11-25T00:00:00Z"}}})
+        .to_string()
+    };
+    fs::remove_file(&store).unwrap();
+    fs::write(
+        dir.path().join(".tokens.json.tmp.5e3c0d1f"),
+        entry(&newest, 2),
+    )
+    .unwrap();
+    fs::write(&store, entry(&seed, 1)).unwrap();
 
     let proxy = acme(&fake, &store, Some(&seed)).start().await;
     proxy.wait_ready().await;
@@ -130,7 +136,10 @@ async fn a_newer_token_left_in_a_temporary_file_is_used_at_start_and_the_file_re
     assert_eq!(fake.spent_presented(), 0, "a spent token was presented");
     assert_eq!(status(&proxy).await.0, 200);
     proxy.stop().await;
-    assert_eq!(names(dir.path()), ["tokens.json", "tokens.json.lock"]);
+    assert_eq!(
+        names(dir.path()),
+        ["tokens.json", "tokens.json.imported-*", "tokens.json.lock"]
+    );
     assert_eq!(
         Some(stored_token(&store)),
         fake.newest_refresh_token(ACME_ID)
@@ -158,7 +167,10 @@ async fn a_truncated_temporary_file_is_ignored_and_removed() {
     assert_eq!(fake.refresh_presented(), vec![in_store]);
     assert!(!leftover.exists(), "the partial temporary file was removed");
     proxy.stop().await;
-    assert_eq!(names(dir.path()), ["tokens.json", "tokens.json.lock"]);
+    assert_eq!(
+        names(dir.path()),
+        ["tokens.json", "tokens.json.imported-*", "tokens.json.lock"]
+    );
 }
 
 // === a seed is presented once ===
@@ -196,9 +208,7 @@ async fn a_spent_seed_is_not_presented_again_when_the_tenant_is_gone_from_the_st
 
     // The tenant's entry is lost (removed by hand); the record of the
     // seeds presented is not.
-    let mut data = read_json(&store);
-    data["tenants"].as_object_mut().unwrap().remove("acme");
-    fs::write(&store, data.to_string()).unwrap();
+    support::stored::remove(&store, "acme");
     let proxy = acme(&fake, &store, Some(&seed)).start().await;
     assert_eq!(status(&proxy).await, (503, Some("consent_required".into())));
     assert_eq!(fake.refresh_presented(), vec![seed]);
@@ -372,5 +382,89 @@ async fn a_symlinked_store_path_keeps_pointing_at_the_live_store() {
         "the target holds the newest token"
     );
     assert_eq!(fake.refresh_presented()[0], in_store);
-    assert_eq!(names(&volume), ["tokens.json", "tokens.json.lock"]);
+    assert_eq!(
+        names(&volume),
+        ["tokens.json", "tokens.json.imported-*", "tokens.json.lock"]
+    );
+}
+
+// === the SQLite database ===
+
+#[tokio::test]
+async fn a_json_store_of_an_earlier_release_is_imported_and_kept_as_a_backup() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    let in_store = fake.issue_refresh_token(ACME_ID);
+    let seed = fake.issue_refresh_token(ACME_ID);
+    // The format of earlier releases: no sequence numbers.
+    let old = json!({"version": 1, "tenants": {
+        "acme": {"refresh_token": in_store, "rejected": false, "updated_at": "2026-11-25T00:00:00Z"},
+        "gone": {"refresh_token": "refused-long-ago", "rejected": true, "updated_at": "2026-11-25T00:00:00Z"}}})
+    .to_string();
+    fs::write(&store, &old).unwrap();
+    fs::set_permissions(&store, fs::Permissions::from_mode(0o600)).unwrap();
+
+    let proxy = acme(&fake, &store, Some(&seed)).start().await;
+    proxy.wait_ready().await;
+    assert_eq!(fake.refresh_presented(), vec![in_store], "the stored token");
+    assert_eq!(status(&proxy).await.0, 200);
+    proxy.stop().await;
+    assert!(fs::read(&store).unwrap().starts_with(b"SQLite format 3\0"));
+    assert_eq!(mode(&store), 0o600);
+    assert_eq!(
+        support::stored::stored(&store, "gone"),
+        Some(("refused-long-ago".into(), true)),
+        "every tenant came along, its rejected flag too"
+    );
+    assert_eq!(
+        Some(stored_token(&store)),
+        fake.newest_refresh_token(ACME_ID)
+    );
+    let backup = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("tokens.json.imported-"))
+        .expect("the JSON store is kept as a backup");
+    assert_eq!(fs::read_to_string(backup).unwrap(), old);
+}
+
+#[tokio::test]
+async fn a_second_proxy_on_the_same_database_is_refused() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = folder(dir.path(), 0o700).join("tokens.db");
+    let config = write(dir.path(), "proxy.toml", &acme_toml(&fake, &store));
+    let mut first = Running::start(&config, "info").await;
+    first.wait_for_message("token store opened").await;
+
+    let out = refused_start(&config).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("store.path") && stderr.contains("in use by another criteo-token-proxy"),
+        "{stderr}"
+    );
+    first.signal("-TERM");
+    assert_eq!(first.wait_exit().await, 0);
+}
+
+#[tokio::test]
+async fn a_corrupt_database_is_refused_and_left_untouched() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = folder(dir.path(), 0o700).join("tokens.db");
+    let mut damaged = b"SQLite format 3\0".to_vec();
+    damaged.extend_from_slice(&[0x5a; 8176]);
+    fs::write(&store, &damaged).unwrap();
+    let config = write(dir.path(), "proxy.toml", &acme_toml(&fake, &store));
+
+    let out = refused_start(&config).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("store.path") && stderr.contains("is not a token store"),
+        "{stderr}"
+    );
+    assert_eq!(fs::read(&store).unwrap(), damaged, "left as it was");
 }

@@ -32,11 +32,7 @@ fn store_path(dir: &Path) -> PathBuf {
 }
 
 fn stored_token(dir: &Path) -> String {
-    let v: Value = serde_json::from_slice(&std::fs::read(store_path(dir)).unwrap()).unwrap();
-    v["tenants"]["acme"]["refresh_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    support::stored::stored_token(&store_path(dir), "acme")
 }
 
 /// A proxy whose default tenant is the refresh-token tenant `acme`.

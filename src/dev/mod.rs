@@ -141,7 +141,7 @@ impl Sandbox {
     /// apply).
     pub(crate) fn config_toml(&self) -> String {
         let upstream = self.addr;
-        let store = self.store.0.join("tokens.json");
+        let store = self.store.0.join("tokens.db");
         let seed = &self.seed;
         format!(
             r#"[server]

@@ -23,7 +23,7 @@ use crate::config::{Config, Grant, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oauth::TokenEndpoint;
 use crate::proxy::Proxy;
-use crate::store::{FileStore, StoreError, TokenStore};
+use crate::store::{StoreError, TokenStore};
 use crate::tenant::Tenants;
 
 use crate::upstream::{Upstream, UpstreamError};
@@ -130,7 +130,7 @@ impl App {
             .iter()
             .any(|t| t.grant == Grant::RefreshToken);
         let store: Option<Arc<dyn TokenStore>> = match &config.store.path {
-            Some(path) if needs_store => Some(Arc::new(FileStore::open(path)?)),
+            Some(path) if needs_store => Some(crate::store::open(path)?),
             _ => None,
         };
         let refreshers = Refreshers::new(config.refresh.clone(), endpoint, store, metrics.clone());

@@ -18,7 +18,6 @@ use arc_swap::ArcSwap;
 use super::refreshers::Refreshers;
 use crate::config::{Config, SecretSource};
 use crate::metrics::Metrics;
-use crate::store::FileStore;
 use crate::tenant::Tenants;
 use crate::token::State;
 
@@ -135,8 +134,8 @@ impl Reloader {
                 return; // validation requires it
             };
             let path = path.clone();
-            match tokio::task::spawn_blocking(move || FileStore::open(&path)).await {
-                Ok(Ok(s)) => refreshers.store = Some(Arc::new(s)),
+            match tokio::task::spawn_blocking(move || crate::store::open(&path)).await {
+                Ok(Ok(s)) => refreshers.store = Some(s),
                 Ok(Err(e)) => {
                     tracing::error!(trigger, error = %e, "configuration reload rejected");
                     return;

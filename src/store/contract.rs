@@ -140,7 +140,7 @@ pub(crate) trait TokenStore: Send + Sync + fmt::Debug {
 pub(super) struct Leases(Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>);
 
 impl Leases {
-    async fn take(&self, tenant: &str) -> Lease {
+    pub(super) async fn take(&self, tenant: &str) -> Lease {
         let lock = {
             let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(all.entry(tenant.into()).or_default())
@@ -200,8 +200,15 @@ impl TokenStore for FileStore {
 mod tests {
     use super::*;
 
-    fn open(dir: &tempfile::TempDir) -> Arc<dyn TokenStore> {
-        Arc::new(FileStore::open(&dir.path().join("tokens.json")).unwrap())
+    /// Each implementation in a folder of its own: the JSON file store
+    /// and the SQLite database `store.path` opens by default.
+    fn stores() -> Vec<(tempfile::TempDir, Arc<dyn TokenStore>)> {
+        let (json, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let file: Arc<dyn TokenStore> =
+            Arc::new(FileStore::open(&json.path().join("tokens.json")).unwrap());
+        let sqlite = super::super::open(&db.path().join("tokens.db")).unwrap();
+        assert!(format!("{sqlite:?}").contains("SqliteStore"));
+        vec![(json, file), (db, sqlite)]
     }
 
     fn put(token: &SecretString) -> Put<'_> {
@@ -223,71 +230,71 @@ mod tests {
 
     #[tokio::test]
     async fn a_put_on_the_generation_last_read_is_taken_and_one_on_a_stale_one_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir);
-        assert!(store.get("acme").await.unwrap().is_none());
-        let (one, two) = (SecretString::from("rt-1"), SecretString::from("rt-2"));
-        let first = store
-            .put("acme", Generation::NONE, put(&one))
-            .await
-            .unwrap();
-        let read = store.get("acme").await.unwrap().unwrap();
-        assert_eq!(read.generation, first);
-        assert_eq!(read.refresh_token.expose_secret(), "rt-1");
+        for (_dir, store) in stores() {
+            assert!(store.get("acme").await.unwrap().is_none());
+            let (one, two) = (SecretString::from("rt-1"), SecretString::from("rt-2"));
+            let first = store
+                .put("acme", Generation::NONE, put(&one))
+                .await
+                .unwrap();
+            let read = store.get("acme").await.unwrap().unwrap();
+            assert_eq!(read.generation, first);
+            assert_eq!(read.refresh_token.expose_secret(), "rt-1");
 
-        let second = store.put("acme", first, put(&two)).await.unwrap();
-        assert_ne!(second, first);
-        let stale = store.put("acme", first, put(&one)).await.unwrap_err();
-        assert!(
-            matches!(stale, PutError::Stale { expected, current } if expected == first && current == second),
-            "{stale}"
-        );
-        let refused = store.put("acme", Generation::NONE, put(&one)).await;
-        assert!(matches!(refused, Err(PutError::Stale { .. })));
-        let kept = store.get("acme").await.unwrap().unwrap();
-        assert_eq!(kept.refresh_token.expose_secret(), "rt-2");
-        assert_eq!(kept.generation, second);
+            let second = store.put("acme", first, put(&two)).await.unwrap();
+            assert_ne!(second, first);
+            let stale = store.put("acme", first, put(&one)).await.unwrap_err();
+            assert!(
+                matches!(stale, PutError::Stale { expected, current } if expected == first && current == second),
+                "{stale}"
+            );
+            let refused = store.put("acme", Generation::NONE, put(&one)).await;
+            assert!(matches!(refused, Err(PutError::Stale { .. })));
+            let kept = store.get("acme").await.unwrap().unwrap();
+            assert_eq!(kept.refresh_token.expose_secret(), "rt-2");
+            assert_eq!(kept.generation, second);
+        }
     }
 
     #[tokio::test]
     async fn adopting_a_seed_records_it_as_presented() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir);
-        let seed = SecretString::from("seed-1");
-        assert!(!store.seed_presented(&seed).await.unwrap());
-        let adopt = Put {
-            adopt_seed: true,
-            ..put(&seed)
-        };
-        store.put("acme", Generation::NONE, adopt).await.unwrap();
-        assert!(store.seed_presented(&seed).await.unwrap());
+        for (_dir, store) in stores() {
+            let seed = SecretString::from("seed-1");
+            assert!(!store.seed_presented(&seed).await.unwrap());
+            let adopt = Put {
+                adopt_seed: true,
+                ..put(&seed)
+            };
+            store.put("acme", Generation::NONE, adopt).await.unwrap();
+            assert!(store.seed_presented(&seed).await.unwrap());
+        }
     }
 
     #[tokio::test]
     async fn a_lease_is_exclusive_per_tenant_until_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir);
-        let held = store.lease("acme").await.unwrap();
-        let mut second = std::pin::pin!(store.lease("acme"));
-        assert!(!ready_now(second.as_mut()).await, "a second holder waits");
-        let other = std::pin::pin!(store.lease("other"));
-        assert!(
-            ready_now(other).await,
-            "another tenant's lease is independent"
-        );
-        drop(held); // released on drop, as the refresher releases it
-        let again = tokio::time::timeout(std::time::Duration::from_secs(10), second)
-            .await
-            .expect("granted once released");
-        assert!(again.is_ok());
+        for (_dir, store) in stores() {
+            let held = store.lease("acme").await.unwrap();
+            let mut second = std::pin::pin!(store.lease("acme"));
+            assert!(!ready_now(second.as_mut()).await, "a second holder waits");
+            let other = std::pin::pin!(store.lease("other"));
+            assert!(
+                ready_now(other).await,
+                "another tenant's lease is independent"
+            );
+            drop(held); // released on drop, as the refresher releases it
+            let again = tokio::time::timeout(std::time::Duration::from_secs(10), second)
+                .await
+                .expect("granted once released");
+            assert!(again.is_ok());
+        }
     }
 
     #[tokio::test]
     async fn the_file_store_reports_no_changes_from_elsewhere() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir);
-        let mut changes = store.changes();
-        let next = std::pin::pin!(changes.next());
-        assert!(!ready_now(next).await);
+        for (_dir, store) in stores() {
+            let mut changes = store.changes();
+            let next = std::pin::pin!(changes.next());
+            assert!(!ready_now(next).await);
+        }
     }
 }

@@ -118,6 +118,24 @@ pub(crate) fn read(path: &Path) -> io::Result<Option<(Vec<u8>, File)>> {
     Ok(Some((bytes, file)))
 }
 
+/// The first `len` bytes of a file (fewer if it is shorter), never through
+/// a link and only if it is a regular file. `None`: no such file.
+pub(crate) fn read_head(path: &Path, len: usize) -> io::Result<Option<Vec<u8>>> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    regular(&file)?;
+    let mut head = Vec::with_capacity(len);
+    file.take(len as u64).read_to_end(&mut head)?;
+    Ok(Some(head))
+}
+
 /// True for the error `O_NOFOLLOW` gives when the name is a link.
 pub(crate) fn is_link_error(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ELOOP)

@@ -115,7 +115,7 @@ fn newer(theirs: &Entry, ours: &Entry) -> bool {
     }
 }
 
-fn seed_hash(seed: &str) -> String {
+pub(super) fn seed_hash(seed: &str) -> String {
     hex::encode(Sha256::digest(seed.as_bytes()))
 }
 

@@ -1,20 +1,25 @@
 //! The token store: where each refresh-token tenant's newest refresh token
 //! lives, so that a restart (or a `kill -9`) never loses it.
 //!
-//! One JSON file, mode 0600, replaced atomically on every change (see
-//! [`disk`]). Every write carries the next number of a counter, so that a
-//! newer copy left in a temporary file by a process killed before renaming
-//! it is recognised and merged at the next start. A lock file next to it
-//! (held for the life of the process) keeps a second proxy from rotating
-//! the same tokens. The API is small on purpose: get, put, and the record
-//! of presented seeds, which any other storage can provide; the
-//! [`TokenStore`] trait (`contract.rs`) is what the rest of the crate uses.
+//! [`open`] (`open.rs`) opens `store.path` as a SQLite database
+//! (`sqlite.rs`), importing first the JSON store of earlier releases if it
+//! finds one there. That JSON store ([`FileStore`], this file) is one file,
+//! mode 0600, replaced atomically on every change (see [`disk`]); every
+//! write carries the next number of a counter, so that a newer copy left in
+//! a temporary file by a process killed before renaming it is recognised
+//! and merged when it is opened. A lock file next to the store (held for
+//! the life of the process) keeps a second proxy from rotating the same
+//! tokens, whichever the format. The [`TokenStore`] trait (`contract.rs`)
+//! is what the rest of the crate uses.
 
 mod contract;
 mod disk;
 mod format;
+mod open;
+mod sqlite;
 
 pub(crate) use contract::{Generation, Put, PutError, Record, TokenStore};
+pub(crate) use open::open;
 
 use std::fs::{self, File};
 use std::io;
@@ -37,6 +42,14 @@ pub enum StoreError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error(
+        "store.path: {path} is not a token store database ({reason}); it is left untouched: move it away only if its tokens are not needed"
+    )]
+    NotADatabase { path: PathBuf, reason: String },
+    #[error(
+        "store.path: cannot import the JSON token store {path} into a database: {source}; the JSON file is left in place"
+    )]
+    Import { path: PathBuf, source: io::Error },
     #[error("store.path: cannot lock {path}: {source}")]
     Lock { path: PathBuf, source: io::Error },
     #[error(
@@ -87,15 +100,7 @@ impl FileStore {
             source,
         };
         let resolved = disk::resolve(path).map_err(read_error)?;
-        let folder = disk::parent(&resolved);
-        let mode = disk::check_folder(folder).map_err(StoreError::Folder)?;
-        if mode & 0o020 != 0 {
-            tracing::warn!(
-                folder = %folder.display(),
-                mode = format!("{mode:o}"),
-                "the token store's folder is writable by its group: its members can plant files there (expected on a Kubernetes volume mounted with fsGroup; otherwise use chmod g-w)"
-            );
-        }
+        check_folder_of(&resolved)?;
         let lock = lock(&resolved)?;
         let data = read_store(&resolved)?;
         let store = Self {
@@ -236,6 +241,21 @@ impl FileStore {
         drop(data);
         remove_all(&self.path, &leftovers);
     }
+}
+
+/// Refuses a store whose folder every user may write to; warns when its
+/// group may.
+fn check_folder_of(resolved: &Path) -> Result<(), StoreError> {
+    let folder = disk::parent(resolved);
+    let mode = disk::check_folder(folder).map_err(StoreError::Folder)?;
+    if mode & 0o020 != 0 {
+        tracing::warn!(
+            folder = %folder.display(),
+            mode = format!("{mode:o}"),
+            "the token store's folder is writable by its group: its members can plant files there (expected on a Kubernetes volume mounted with fsGroup; otherwise use chmod g-w)"
+        );
+    }
+    Ok(())
 }
 
 /// Takes the lock file `<store>.lock` for the life of the process.

@@ -5,6 +5,7 @@
 pub mod fake_criteo;
 pub mod process;
 pub mod raw;
+pub mod stored;
 
 use std::sync::Arc;
 use std::time::Duration;
