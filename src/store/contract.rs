@@ -13,6 +13,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -30,6 +31,37 @@ impl Generation {
     pub(crate) const NONE: Generation = Generation(0);
 }
 
+/// Which tenant: its name and its app's `client_id`. A shared store keys
+/// records by both, so that deployments of different apps can share one
+/// database; an embedded store serves one deployment and keys by name
+/// (it records the `client_id` for `store copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Key<'a> {
+    pub name: &'a str,
+    pub client_id: &'a str,
+}
+
+/// A tenant whose record another process changed (see [`Changes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Changed {
+    pub name: Arc<str>,
+    pub client_id: Arc<str>,
+}
+
+/// The access token that came with a refresh token: a shared store keeps
+/// it with the refresh token, so that the other replicas serve it instead
+/// of rotating the refresh token themselves. Embedded stores drop it.
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // read by the shared store
+pub(crate) struct Access {
+    pub token: SecretString,
+    /// When the token request that got it was sent (its lifetime counts
+    /// from then), on the wall clock: other processes read it.
+    pub requested_at: SystemTime,
+    /// `expires_in`, as granted (already clamped).
+    pub lifetime: Duration,
+}
+
 /// A tenant's record as read.
 #[derive(Debug, Clone)]
 pub(crate) struct Record {
@@ -37,6 +69,19 @@ pub(crate) struct Record {
     /// The token endpoint has refused this token (`invalid_grant`).
     pub rejected: bool,
     pub generation: Generation,
+    /// Shared stores only: the access token stored with `refresh_token`.
+    #[allow(dead_code)] // read by the shared store
+    pub access: Option<Access>,
+}
+
+/// A record as listed by [`TokenStore::all`] (for `store copy`).
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // until `store copy`
+pub(crate) struct Listed {
+    pub name: String,
+    /// Empty in a record written by a release that did not record it.
+    pub client_id: String,
+    pub record: Record,
 }
 
 /// What a conditional put writes.
@@ -48,6 +93,10 @@ pub(crate) struct Put<'a> {
     /// presented in the same write, so it is never taken from the config
     /// again.
     pub adopt_seed: bool,
+    /// The access token that came with `refresh_token` (kept by shared
+    /// stores only).
+    #[allow(dead_code)] // read by the shared store
+    pub access: Option<&'a Access>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,26 +127,30 @@ impl fmt::Debug for Lease {
     }
 }
 
-/// Names of tenants whose record another process changed.
-///
-/// Nothing reads it yet outside the tests: the file store has no other
-/// writer, and the shared store (many replicas) is its first reader.
+/// Tenants whose record another process changed: the shared store's
+/// replicas learn of a new token (or a refused one) from it.
 #[derive(Debug)]
-#[cfg_attr(not(test), allow(dead_code))]
+#[allow(dead_code)] // until the shared store
 pub(crate) struct Changes {
-    rx: Option<tokio::sync::mpsc::UnboundedReceiver<Arc<str>>>,
+    rx: Option<tokio::sync::mpsc::Receiver<Changed>>,
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
+#[allow(dead_code)] // until the shared store
 impl Changes {
     /// A feed with nothing to tell: a store no other process writes.
     pub(crate) fn never() -> Self {
         Self { rx: None }
     }
 
+    /// A feed fed by the store's own task.
+    #[allow(dead_code)]
+    pub(crate) fn from(rx: tokio::sync::mpsc::Receiver<Changed>) -> Self {
+        Self { rx: Some(rx) }
+    }
+
     /// The next tenant changed elsewhere; never completes on a store that
-    /// no other process writes.
-    pub(crate) async fn next(&mut self) -> Option<Arc<str>> {
+    /// no other process writes, `None` once the store has shut down.
+    pub(crate) async fn next(&mut self) -> Option<Changed> {
         match &mut self.rx {
             Some(rx) => rx.recv().await,
             None => std::future::pending().await,
@@ -107,18 +160,32 @@ impl Changes {
 
 /// Where refresh tokens live. Losing the newest one loses the tenant: a
 /// put returns only once the token is durable.
+#[allow(dead_code)] // `shared`, `changes`, `all`, `problem`: until the shared store
 pub(crate) trait TokenStore: Send + Sync + fmt::Debug {
     /// Where the store is, for messages (never a secret).
     fn location(&self) -> String;
 
+    /// Whether other processes share it: its records then carry access
+    /// tokens, its leases span processes and [`Self::changes`] yields.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// The tenant's record, if any.
-    fn get<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, io::Result<Option<Record>>>;
+    fn get<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, io::Result<Option<Record>>>;
 
     /// Writes the tenant's record if it is still at `expected` (the
     /// generation last read), and returns the new generation.
+    ///
+    /// One exception, for shared stores: a rotation (a put that is not a
+    /// rejection) read at `expected` is also taken over a *rejection*
+    /// written against `expected`. Both presented the same refresh token;
+    /// only one can have been answered with a new one, and that new token
+    /// is the tenant's only valid one (the rejection came from a replica
+    /// that presented it second, after losing its lease).
     fn put<'a>(
         &'a self,
-        tenant: &'a str,
+        key: Key<'a>,
         expected: Generation,
         put: Put<'a>,
     ) -> BoxFuture<'a, Result<Generation, PutError>>;
@@ -128,16 +195,35 @@ pub(crate) trait TokenStore: Send + Sync + fmt::Debug {
     fn seed_presented<'a>(&'a self, seed: &'a SecretString) -> BoxFuture<'a, io::Result<bool>>;
 
     /// Takes the tenant's refresh lease, waiting while another holds it.
-    fn lease<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, io::Result<Lease>>;
+    /// A shared store waits a bounded time, then fails.
+    fn lease<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, io::Result<Lease>>;
 
-    /// Records other processes change.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Records other processes change. Called once, at start.
     fn changes(&self) -> Changes;
+
+    /// Every tenant's record (for `store copy`).
+    fn all(&self) -> BoxFuture<'_, io::Result<Vec<Listed>>>;
+
+    /// What is wrong with the store right now (unreachable, say), for
+    /// `/readyz` and `/tenants`; `None` while it works.
+    fn problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The file store's leases: one async mutex per tenant.
 #[derive(Debug, Default)]
 pub(super) struct Leases(Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Lease {
+    /// A lease held while `held` lives (a guard, a task's handle …).
+    #[allow(dead_code)]
+    pub(crate) fn new(held: impl Send + Sync + 'static) -> Self {
+        Self {
+            _held: Box::new(held),
+        }
+    }
+}
 
 impl Leases {
     pub(super) async fn take(&self, tenant: &str) -> Lease {
@@ -158,16 +244,17 @@ impl TokenStore for FileStore {
         self.path().display().to_string()
     }
 
-    fn get<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, io::Result<Option<Record>>> {
-        Box::pin(async move { Ok(FileStore::get(self, tenant)) })
+    fn get<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, io::Result<Option<Record>>> {
+        Box::pin(async move { Ok(FileStore::get(self, key.name)) })
     }
 
     fn put<'a>(
         &'a self,
-        tenant: &'a str,
+        key: Key<'a>,
         expected: Generation,
         put: Put<'a>,
     ) -> BoxFuture<'a, Result<Generation, PutError>> {
+        let tenant = key.name;
         Box::pin(self.update(move |data| {
             let current = Generation(data.tenants.get(tenant).map_or(0, |e| e.seq));
             if current != expected {
@@ -186,13 +273,17 @@ impl TokenStore for FileStore {
         Box::pin(async move { Ok(self.seed_was_presented(seed)) })
     }
 
-    fn lease<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, io::Result<Lease>> {
-        Box::pin(async move { Ok(self.leases.take(tenant).await) })
+    fn lease<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, io::Result<Lease>> {
+        Box::pin(async move { Ok(self.leases.take(key.name).await) })
     }
 
     /// Never yields: the lock file keeps every other process out.
     fn changes(&self) -> Changes {
         Changes::never()
+    }
+
+    fn all(&self) -> BoxFuture<'_, io::Result<Vec<Listed>>> {
+        Box::pin(async move { Ok(self.list()) })
     }
 }
 
@@ -216,8 +307,18 @@ mod tests {
             refresh_token: token,
             rejected: false,
             adopt_seed: false,
+            access: None,
         }
     }
+
+    const ACME: Key<'static> = Key {
+        name: "acme",
+        client_id: "app-1",
+    };
+    const OTHER: Key<'static> = Key {
+        name: "other",
+        client_id: "app-1",
+    };
 
     /// Whether `fut` is ready at its first poll.
     async fn ready_now<F: Future>(fut: Pin<&mut F>) -> bool {
@@ -231,26 +332,23 @@ mod tests {
     #[tokio::test]
     async fn a_put_on_the_generation_last_read_is_taken_and_one_on_a_stale_one_refused() {
         for (_dir, store) in stores() {
-            assert!(store.get("acme").await.unwrap().is_none());
+            assert!(store.get(ACME).await.unwrap().is_none());
             let (one, two) = (SecretString::from("rt-1"), SecretString::from("rt-2"));
-            let first = store
-                .put("acme", Generation::NONE, put(&one))
-                .await
-                .unwrap();
-            let read = store.get("acme").await.unwrap().unwrap();
+            let first = store.put(ACME, Generation::NONE, put(&one)).await.unwrap();
+            let read = store.get(ACME).await.unwrap().unwrap();
             assert_eq!(read.generation, first);
             assert_eq!(read.refresh_token.expose_secret(), "rt-1");
 
-            let second = store.put("acme", first, put(&two)).await.unwrap();
+            let second = store.put(ACME, first, put(&two)).await.unwrap();
             assert_ne!(second, first);
-            let stale = store.put("acme", first, put(&one)).await.unwrap_err();
+            let stale = store.put(ACME, first, put(&one)).await.unwrap_err();
             assert!(
                 matches!(stale, PutError::Stale { expected, current } if expected == first && current == second),
                 "{stale}"
             );
-            let refused = store.put("acme", Generation::NONE, put(&one)).await;
+            let refused = store.put(ACME, Generation::NONE, put(&one)).await;
             assert!(matches!(refused, Err(PutError::Stale { .. })));
-            let kept = store.get("acme").await.unwrap().unwrap();
+            let kept = store.get(ACME).await.unwrap().unwrap();
             assert_eq!(kept.refresh_token.expose_secret(), "rt-2");
             assert_eq!(kept.generation, second);
         }
@@ -265,7 +363,7 @@ mod tests {
                 adopt_seed: true,
                 ..put(&seed)
             };
-            store.put("acme", Generation::NONE, adopt).await.unwrap();
+            store.put(ACME, Generation::NONE, adopt).await.unwrap();
             assert!(store.seed_presented(&seed).await.unwrap());
         }
     }
@@ -273,10 +371,10 @@ mod tests {
     #[tokio::test]
     async fn a_lease_is_exclusive_per_tenant_until_released() {
         for (_dir, store) in stores() {
-            let held = store.lease("acme").await.unwrap();
-            let mut second = std::pin::pin!(store.lease("acme"));
+            let held = store.lease(ACME).await.unwrap();
+            let mut second = std::pin::pin!(store.lease(ACME));
             assert!(!ready_now(second.as_mut()).await, "a second holder waits");
-            let other = std::pin::pin!(store.lease("other"));
+            let other = std::pin::pin!(store.lease(OTHER));
             assert!(
                 ready_now(other).await,
                 "another tenant's lease is independent"
@@ -286,6 +384,24 @@ mod tests {
                 .await
                 .expect("granted once released");
             assert!(again.is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn every_record_is_listed_with_the_client_id_written() {
+        for (dir, store) in stores() {
+            let one = SecretString::from("rt-1");
+            store.put(ACME, Generation::NONE, put(&one)).await.unwrap();
+            store.put(OTHER, Generation::NONE, put(&one)).await.unwrap();
+            let mut all = store.all().await.unwrap();
+            all.sort_by(|a, b| a.name.cmp(&b.name));
+            let names: Vec<_> = all.iter().map(|l| l.name.as_str()).collect();
+            assert_eq!(names, ["acme", "other"]);
+            let json = dir.path().join("tokens.json").exists();
+            // The JSON file of earlier releases records no client_id.
+            let expected = if json { "" } else { "app-1" };
+            assert_eq!(all[0].client_id, expected);
+            assert_eq!(all[0].record.refresh_token.expose_secret(), "rt-1");
         }
     }
 

@@ -18,7 +18,7 @@ mod format;
 mod open;
 mod sqlite;
 
-pub(crate) use contract::{Generation, Put, PutError, Record, TokenStore};
+pub(crate) use contract::{Generation, Key, Put, PutError, Record, TokenStore};
 pub(crate) use open::open;
 
 use std::fs::{self, File};
@@ -29,6 +29,7 @@ use std::sync::Mutex;
 
 use secrecy::{ExposeSecret, SecretString};
 
+use contract::Listed;
 use format::StoreFile;
 
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +132,27 @@ impl FileStore {
             refresh_token: SecretString::from(e.refresh_token.clone()),
             rejected: e.rejected,
             generation: Generation(e.seq),
+            access: None,
         })
+    }
+
+    /// Every tenant's record (the file records no `client_id`).
+    #[allow(dead_code)] // until `store copy`
+    fn list(&self) -> Vec<Listed> {
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        data.tenants
+            .iter()
+            .map(|(name, e)| Listed {
+                name: name.clone(),
+                client_id: String::new(),
+                record: Record {
+                    refresh_token: SecretString::from(e.refresh_token.clone()),
+                    rejected: e.rejected,
+                    generation: Generation(e.seq),
+                    access: None,
+                },
+            })
+            .collect()
     }
 
     /// Whether `seed` has ever been presented to the token endpoint (by

@@ -202,6 +202,8 @@ mod tests {
 
     use secrecy::{ExposeSecret, SecretString};
 
+    use crate::store::Key;
+
     use super::*;
     use crate::store::{Generation, Put};
 
@@ -216,7 +218,14 @@ mod tests {
     }
 
     async fn token(store: &Arc<dyn TokenStore>, tenant: &str) -> (String, bool) {
-        let r = store.get(tenant).await.unwrap().unwrap();
+        let r = store
+            .get(Key {
+                name: tenant,
+                client_id: "",
+            })
+            .await
+            .unwrap()
+            .unwrap();
         (r.refresh_token.expose_secret().to_owned(), r.rejected)
     }
 
@@ -296,8 +305,19 @@ mod tests {
             refresh_token: &rt,
             rejected: false,
             adopt_seed: false,
+            access: None,
         };
-        store.put("acme", Generation::NONE, put).await.unwrap();
+        store
+            .put(
+                Key {
+                    name: "acme",
+                    client_id: "app",
+                },
+                Generation::NONE,
+                put,
+            )
+            .await
+            .unwrap();
         let err = open(&path).unwrap_err();
         assert!(matches!(err, StoreError::InUse { .. }), "{err}");
         assert!(err.to_string().contains("store.path"), "{err}");
@@ -343,8 +363,19 @@ mod tests {
             refresh_token: &rt,
             rejected: false,
             adopt_seed: false,
+            access: None,
         };
-        let err = store.put("acme", Generation::NONE, put).await.unwrap_err();
+        let err = store
+            .put(
+                Key {
+                    name: "acme",
+                    client_id: "app",
+                },
+                Generation::NONE,
+                put,
+            )
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("store.path"), "{err}");
     }
 }

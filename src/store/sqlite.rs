@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::contract::{self, BoxFuture, Changes, Lease};
+use super::contract::{self, BoxFuture, Changes, Key, Lease, Listed};
 use super::{Generation, Put, PutError, Record, StoreError, TokenStore, disk, format};
 
 /// The first bytes of every SQLite database file.
@@ -69,7 +69,8 @@ impl std::fmt::Debug for SqliteStore {
 
 #[derive(Default)]
 struct Cache {
-    tenants: HashMap<String, Record>,
+    /// By name, with the `client_id` last written.
+    tenants: HashMap<String, (String, Record)>,
     /// SHA-256 (hex) of every seed presented.
     seeds: HashSet<String>,
 }
@@ -232,19 +233,22 @@ fn check(conn: &Connection) -> Result<(), String> {
 /// Every row, for the cache.
 fn load(conn: &Connection) -> rusqlite::Result<Cache> {
     let mut cache = Cache::default();
-    let mut rows = conn.prepare("SELECT name, refresh_token, rejected, generation FROM tenants")?;
+    let mut rows =
+        conn.prepare("SELECT name, client_id, refresh_token, rejected, generation FROM tenants")?;
     for row in rows.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
             Record {
-                refresh_token: SecretString::from(r.get::<_, String>(1)?),
-                rejected: r.get(2)?,
-                generation: Generation(r.get::<_, i64>(3)?.unsigned_abs()),
+                refresh_token: SecretString::from(r.get::<_, String>(2)?),
+                rejected: r.get(3)?,
+                generation: Generation(r.get::<_, i64>(4)?.unsigned_abs()),
+                access: None,
             },
         ))
     })? {
-        let (name, record) = row?;
-        cache.tenants.insert(name, record);
+        let (name, client_id, record) = row?;
+        cache.tenants.insert(name, (client_id, record));
     }
     let mut seeds = conn.prepare("SELECT hash FROM presented_seeds")?;
     for hash in seeds.query_map([], |r| r.get::<_, String>(0))? {
@@ -279,24 +283,25 @@ impl TokenStore for SqliteStore {
         self.path.display().to_string()
     }
 
-    fn get<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, io::Result<Option<Record>>> {
+    fn get<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, io::Result<Option<Record>>> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let record = cache.tenants.get(tenant).cloned();
+        let record = cache.tenants.get(key.name).map(|(_, r)| r.clone());
         Box::pin(std::future::ready(Ok(record)))
     }
 
     fn put<'a>(
         &'a self,
-        tenant: &'a str,
+        key: Key<'a>,
         expected: Generation,
         put: Put<'a>,
     ) -> BoxFuture<'a, Result<Generation, PutError>> {
-        let name = tenant.to_owned();
+        let name = key.name.to_owned();
+        let client_id = key.client_id.to_owned();
         let token = put.refresh_token.expose_secret().to_owned();
         let (rejected, adopt_seed) = (put.rejected, put.adopt_seed);
         Box::pin(async move {
             self.still_in_place()?;
-            let tenant = name.clone();
+            let (tenant, client) = (name.clone(), client_id.clone());
             let generation = self
                 .call(move |conn| {
                     let tx = conn
@@ -308,15 +313,15 @@ impl TokenStore for SqliteStore {
                         .ok_or_else(|| io::Error::other("the generation counter overflowed"))?;
                     let changed = if expected == Generation::NONE {
                         tx.execute(
-                        "INSERT INTO tenants (name, refresh_token, rejected, generation, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO NOTHING",
-                        params![tenant, token, rejected, next, now()],
+                        "INSERT INTO tenants (name, refresh_token, rejected, generation, updated_at, client_id)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING",
+                        params![tenant, token, rejected, next, now(), client],
                     )
                     } else {
                         tx.execute(
                             "UPDATE tenants SET refresh_token = ?2, rejected = ?3, generation = ?4,
-                         updated_at = ?5 WHERE name = ?1 AND generation = ?6",
-                            params![tenant, token, rejected, next, now(), next - 1],
+                         updated_at = ?5, client_id = ?7 WHERE name = ?1 AND generation = ?6",
+                            params![tenant, token, rejected, next, now(), next - 1, client],
                         )
                     }
                     .map_err(sql)?;
@@ -339,11 +344,15 @@ impl TokenStore for SqliteStore {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             cache.tenants.insert(
                 name,
-                Record {
-                    refresh_token: put.refresh_token.clone(),
-                    rejected,
-                    generation,
-                },
+                (
+                    client_id,
+                    Record {
+                        refresh_token: put.refresh_token.clone(),
+                        rejected,
+                        generation,
+                        access: None,
+                    },
+                ),
             );
             if adopt_seed {
                 cache
@@ -360,12 +369,26 @@ impl TokenStore for SqliteStore {
         Box::pin(std::future::ready(Ok(cache.seeds.contains(&hash))))
     }
 
-    fn lease<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, io::Result<Lease>> {
-        Box::pin(async move { Ok(self.leases.take(tenant).await) })
+    fn lease<'a>(&'a self, key: Key<'a>) -> BoxFuture<'a, io::Result<Lease>> {
+        Box::pin(async move { Ok(self.leases.take(key.name).await) })
     }
 
     /// Never yields: the lock file keeps every other process out.
     fn changes(&self) -> Changes {
         Changes::never()
+    }
+
+    fn all(&self) -> BoxFuture<'_, io::Result<Vec<Listed>>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let all = cache
+            .tenants
+            .iter()
+            .map(|(name, (client_id, record))| Listed {
+                name: name.clone(),
+                client_id: client_id.clone(),
+                record: record.clone(),
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(all)))
     }
 }

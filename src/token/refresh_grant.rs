@@ -19,7 +19,7 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard, Notify};
 
 use crate::config::{SecretSource, TenantConfig};
 use crate::oauth::{Answer, GrantError, Granted, TokenEndpoint};
-use crate::store::{Generation, Put, PutError, TokenStore};
+use crate::store::{Generation, Key, Put, PutError, TokenStore};
 
 #[derive(Debug)]
 pub(crate) struct RefreshGrant {
@@ -107,7 +107,7 @@ impl RefreshGrant {
     async fn first_chain(&self) -> Result<Chain, GrantError> {
         let stored = self
             .store
-            .get(&self.tenant)
+            .get(self.key())
             .await
             .map_err(|e| store_error("cannot read the token store", e))?;
         let seed = match &self.seed {
@@ -149,6 +149,14 @@ impl RefreshGrant {
             .map_err(|e| store_error("cannot read the token store", e))
     }
 
+    /// The tenant's key in the store.
+    fn key(&self) -> Key<'_> {
+        Key {
+            name: &self.tenant,
+            client_id: &self.client_id,
+        }
+    }
+
     pub(crate) fn client_id(&self) -> &str {
         &self.client_id
     }
@@ -183,7 +191,7 @@ impl RefreshGrant {
         // One caller of the token endpoint per tenant, whatever process.
         let _lease = self
             .store
-            .lease(&self.tenant)
+            .lease(self.key())
             .await
             .map_err(|e| store_error("cannot take the tenant's refresh lease", e))?;
         let mut chain = self.chain().await?;
@@ -217,12 +225,9 @@ impl RefreshGrant {
                         refresh_token: &refresh_token,
                         rejected: true,
                         adopt_seed: false,
+                        access: None,
                     };
-                    match self
-                        .store
-                        .put(&self.tenant, chain.generation, refused)
-                        .await
-                    {
+                    match self.store.put(self.key(), chain.generation, refused).await {
                         Ok(g) => chain.generation = g,
                         Err(e) => {
                             tracing::warn!(tenant = &*self.tenant, error = %e, "cannot record the refused refresh token");
@@ -346,8 +351,9 @@ impl RefreshGrant {
                 .unadopted_seed
                 .as_ref()
                 .is_some_and(|seed| same(seed, token)),
+            access: None,
         };
-        match self.store.put(&self.tenant, chain.generation, put).await {
+        match self.store.put(self.key(), chain.generation, put).await {
             Ok(generation) => {
                 chain.generation = generation;
                 chain.unsaved = false;
