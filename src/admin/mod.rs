@@ -23,8 +23,9 @@ use serde_json::{Value, json};
 use crate::config::SecretSource;
 use crate::error::json_response;
 use crate::metrics::Metrics;
+use crate::store::TokenStore;
 use crate::tenant::{Tenant, Tenants};
-use crate::token::State;
+use crate::token::{Grants, State};
 pub(crate) use onboarding::Onboarding;
 
 /// Largest consent callback body read.
@@ -39,6 +40,10 @@ pub(crate) struct Admin {
     shutting_down: AtomicBool,
     /// Bound on reading a callback's body (`server.body_read_timeout`).
     body_read_timeout: Duration,
+    /// The token store (its problems are shown) and the refresh-token
+    /// grants (whether this replica is the one refreshing).
+    store: Option<Arc<dyn TokenStore>>,
+    grants: Grants,
 }
 
 impl Admin {
@@ -57,7 +62,29 @@ impl Admin {
             access: access::Access::new(admin_token),
             shutting_down: AtomicBool::new(false),
             body_read_timeout: Duration::from_secs(30),
+            store: None,
+            grants: Grants::default(),
         }
+    }
+
+    /// Shows the store's problems in `/readyz` and `/tenants`, and which
+    /// replica refreshes each tenant of a shared store.
+    pub(crate) fn with_store(mut self, store: Option<Arc<dyn TokenStore>>, grants: Grants) -> Self {
+        self.store = store;
+        self.grants = grants;
+        self
+    }
+
+    /// `{"ok": …, "location": …, "error": …}`, or null without a store.
+    fn store_status(&self) -> Value {
+        self.store.as_ref().map_or(Value::Null, |store| {
+            let problem = store.problem();
+            json!({
+                "shared": store.shared(),
+                "ok": problem.is_none(),
+                "error": problem,
+            })
+        })
     }
 
     /// A client that stops sending a callback's body is answered 408
@@ -88,7 +115,10 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
             (&Method::GET | &Method::HEAD, "/tenants") => json_response(
                 StatusCode::OK,
-                &json!({"tenants": self.tenants.load().iter().map(|t| describe(t)).collect::<Vec<_>>()}),
+                &json!({
+                    "tenants": self.tenants.load().iter().map(|t| self.describe(t)).collect::<Vec<_>>(),
+                    "store": self.store_status(),
+                }),
             ),
             (&Method::GET, "/oauth/authorize") => {
                 match self.access.check(peer.ip(), req.headers()).await {
@@ -160,14 +190,21 @@ impl Admin {
                 })
             })
             .collect();
-        if not_ready.is_empty() {
-            json_response(StatusCode::OK, &json!({"ready": true}))
+        // A store problem alone keeps readiness: the tokens held serve
+        // until they expire, and each tenant's own state says when not.
+        let (status, mut body) = if not_ready.is_empty() {
+            (StatusCode::OK, json!({"ready": true}))
         } else {
-            json_response(
+            (
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"ready": false, "tenants": not_ready}),
+                json!({"ready": false, "tenants": not_ready}),
             )
+        };
+        let store = self.store_status();
+        if !store.is_null() {
+            body["store"] = store;
         }
+        json_response(status, &body)
     }
 
     fn metrics(&self) -> Response<Full<Bytes>> {
@@ -185,6 +222,21 @@ impl Admin {
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
         resp
+    }
+}
+
+impl Admin {
+    fn describe(&self, t: &Tenant) -> Value {
+        let mut described = describe(t);
+        if let Some(here) = self
+            .grants
+            .load()
+            .get(&t.name)
+            .and_then(|g| g.refreshing_here())
+        {
+            described["refreshing_here"] = Value::Bool(here);
+        }
+        described
     }
 }
 

@@ -150,7 +150,8 @@ impl App {
                 onboarding,
                 config.server.admin_token.clone(),
             )
-            .with_body_read_timeout(config.server.body_read_timeout),
+            .with_body_read_timeout(config.server.body_read_timeout)
+            .with_store(refreshers.store.clone(), refreshers.grants()),
         );
         Ok(Self {
             proxy,

@@ -46,6 +46,8 @@ pub(crate) struct Refreshers {
     pub(crate) store: Option<Arc<dyn TokenStore>>,
     metrics: Metrics,
     grants: Grants,
+    /// Hands the shared store's change reports to the tenants' grants.
+    watcher: Option<JoinHandle<()>>,
 }
 
 impl Refreshers {
@@ -64,7 +66,30 @@ impl Refreshers {
             store,
             metrics,
             grants: Grants::default(),
+            watcher: None,
         }
+    }
+
+    /// With a shared store, starts (once) the task that tells each
+    /// tenant's grant when another replica changed its record.
+    fn watch_changes(&mut self) {
+        let Some(store) = self.store.as_ref().filter(|s| s.shared()) else {
+            return;
+        };
+        if self.watcher.is_some() {
+            return;
+        }
+        let mut changes = store.changes();
+        let grants = Arc::clone(&self.grants);
+        self.watcher = Some(tokio::spawn(async move {
+            while let Some(changed) = changes.next().await {
+                if let Some(grant) = grants.load().get(&changed.name)
+                    && grant.client_id() == &*changed.client_id
+                {
+                    grant.changed_elsewhere();
+                }
+            }
+        }));
     }
 
     /// The registry of grants, kept current as refreshers start and stop.
@@ -75,6 +100,7 @@ impl Refreshers {
     /// Starts the tenant's refresher: at once, or, if a refresher of the
     /// same name is still finishing, as soon as it has ended.
     pub(crate) fn start(&mut self, tenant: &Tenant, config: &TenantConfig) {
+        self.watch_changes();
         self.stop(&tenant.name);
         let previous = self.stopping.remove(&tenant.name);
         let (stop, stop_rx) = watch::channel(false);

@@ -18,7 +18,7 @@ mod format;
 mod open;
 mod sqlite;
 
-pub(crate) use contract::{Generation, Key, Put, PutError, Record, TokenStore};
+pub(crate) use contract::{Access, Generation, Key, Put, PutError, Record, TokenStore};
 pub(crate) use open::open;
 
 use std::fs::{self, File};

@@ -12,6 +12,8 @@
 //! token instead of overwriting it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
@@ -19,7 +21,7 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard, Notify};
 
 use crate::config::{SecretSource, TenantConfig};
 use crate::oauth::{Answer, GrantError, Granted, TokenEndpoint};
-use crate::store::{Generation, Key, Put, PutError, TokenStore};
+use crate::store::{Access, Generation, Key, Put, PutError, Record, TokenStore};
 
 #[derive(Debug)]
 pub(crate) struct RefreshGrant {
@@ -34,7 +36,20 @@ pub(crate) struct RefreshGrant {
     chain: Mutex<Option<Chain>>,
     /// Asks the refresher to renew at once (see [`Self::exchange_code`]).
     renew: Notify,
+    /// Shared store: its record changed elsewhere (see [`Self::adopt_changed`]).
+    changed: Notify,
+    /// Shared store: the generation of the record whose access token this
+    /// replica serves (one it stored, or one it adopted). A record newer
+    /// than that carries a token another replica got: this one serves it
+    /// instead of rotating the refresh token again.
+    served: AtomicU64,
+    /// Shared store: this replica made the tenant's latest rotation.
+    refreshing_here: AtomicBool,
 }
+
+/// A stored access token with less time left than this is not adopted:
+/// the replica rotates instead.
+const MIN_ADOPTED_LIFETIME: Duration = Duration::from_secs(1);
 
 /// The refresh token in hand, and what is known about it.
 #[derive(Debug)]
@@ -86,7 +101,83 @@ impl RefreshGrant {
             seed: config.seed_refresh_token.clone(),
             chain: Mutex::new(None),
             renew: Notify::new(),
+            changed: Notify::new(),
+            served: AtomicU64::new(0),
+            refreshing_here: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this replica made the tenant's latest rotation; `None`
+    /// unless the store is shared.
+    pub(crate) fn refreshing_here(&self) -> Option<bool> {
+        self.store
+            .shared()
+            .then(|| self.refreshing_here.load(Ordering::Relaxed))
+    }
+
+    /// The store reports that another process changed this tenant's record.
+    pub(crate) fn changed_elsewhere(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Completes when the store reported a change made elsewhere.
+    pub(crate) async fn change_reported(&self) {
+        self.changed.notified().await
+    }
+
+    /// Shared store: reads the record after a reported change. A newer
+    /// access token is returned to be served; a newer refusal puts this
+    /// replica's tenant in `consent_required` too, without a call to the
+    /// token endpoint; anything else (this replica's own write) is `None`.
+    pub(crate) async fn adopt_changed(&self) -> Result<Option<Granted>, GrantError> {
+        let Some(record) = self.read_shared().await? else {
+            return Ok(None);
+        };
+        if record.rejected && record.generation.0 > self.served.load(Ordering::Acquire) {
+            self.served.store(record.generation.0, Ordering::Release);
+            self.refreshing_here.store(false, Ordering::Relaxed);
+            return Err(self.consent_hint("another replica's refresh token was refused"));
+        }
+        Ok(self.adopt(&record))
+    }
+
+    /// The tenant's record in a shared store (`None` for other stores, or
+    /// no record).
+    async fn read_shared(&self) -> Result<Option<Record>, GrantError> {
+        if !self.store.shared() {
+            return Ok(None);
+        }
+        self.store
+            .get(self.key())
+            .await
+            .map_err(|e| store_error("cannot read the token store", e))
+    }
+
+    /// The access token another replica stored with `record`, if the
+    /// record is newer than the one this replica serves and its token has
+    /// time left.
+    fn adopt(&self, record: &Record) -> Option<Granted> {
+        if record.rejected || record.generation.0 <= self.served.load(Ordering::Acquire) {
+            return None;
+        }
+        let access = record.access.as_ref()?;
+        let left = access
+            .requested_at
+            .checked_add(access.lifetime)?
+            .duration_since(SystemTime::now())
+            .ok()
+            .filter(|left| *left >= MIN_ADOPTED_LIFETIME)?;
+        self.served.store(record.generation.0, Ordering::Release);
+        self.refreshing_here.store(false, Ordering::Relaxed);
+        tracing::debug!(
+            tenant = &*self.tenant,
+            generation = record.generation.0,
+            "serving the access token another replica stored"
+        );
+        Some(Granted {
+            access_token: access.token.clone(),
+            expires_in: left,
+        })
     }
 
     /// The chain, locked; read from the store first if this is its first use.
@@ -187,7 +278,15 @@ impl RefreshGrant {
     }
 
     /// `grant_type=refresh_token`, rotating and saving the refresh token.
+    ///
+    /// On a shared store, a token another replica stored since is served
+    /// instead (checked before the lease, and again once it is held), so
+    /// that replicas renewing (or hit by a 401) at the same moment rotate
+    /// the refresh token once between them.
     pub(crate) async fn fetch(&self) -> Result<Granted, GrantError> {
+        if let Some(granted) = self.read_shared().await?.and_then(|r| self.adopt(&r)) {
+            return Ok(granted);
+        }
         // One caller of the token endpoint per tenant, whatever process.
         let _lease = self
             .store
@@ -195,26 +294,38 @@ impl RefreshGrant {
             .await
             .map_err(|e| store_error("cannot take the tenant's refresh lease", e))?;
         let mut chain = self.chain().await?;
-        if chain.current.is_none() && !chain.unsaved {
+        if let Some(record) = self.read_shared().await?
+            && !chain.unsaved
+        {
+            if let Some(granted) = self.adopt(&record) {
+                return Ok(granted);
+            }
+            if record.generation != chain.generation {
+                // Rotated, refused or onboarded elsewhere since this
+                // replica last read it.
+                *chain = self.first_chain().await?;
+            }
+        } else if chain.current.is_none() && !chain.unsaved {
             // Nothing in hand: another grant of this tenant (one a reload
             // replaced, finishing an onboarding) may have saved a token
             // since this one read the store.
             *chain = self.first_chain().await?;
         }
         if chain.unsaved {
-            self.save(&mut chain).await?;
+            self.save(&mut chain, None).await?;
         }
         loop {
             let Some(refresh_token) = chain.current.clone() else {
                 return Err(self.consent_hint("no refresh token is stored or configured"));
             };
             let secret = self.secret().await?;
+            let requested_at = SystemTime::now();
             match self
                 .endpoint
                 .refresh_token(&self.client_id, &secret, &refresh_token)
                 .await
             {
-                Ok(answer) => return self.rotated(&mut chain, answer).await,
+                Ok(answer) => return self.rotated(&mut chain, answer, requested_at).await,
                 Err(GrantError::InvalidGrant { description }) => {
                     tracing::warn!(
                         tenant = &*self.tenant,
@@ -251,7 +362,7 @@ impl RefreshGrant {
                             chain.current = Some(seed.clone());
                             chain.unsaved = true;
                             chain.unadopted_seed = Some(seed);
-                            self.save(&mut chain).await?;
+                            self.save(&mut chain, None).await?;
                             continue;
                         }
                     }
@@ -268,7 +379,12 @@ impl RefreshGrant {
     /// the moment it exists, so its new refresh token is saved before the
     /// rest is looked at. A bad rest is then a transient failure, and the
     /// next renewal presents the saved token.
-    async fn rotated(&self, chain: &mut Chain, answer: Answer) -> Result<Granted, GrantError> {
+    async fn rotated(
+        &self,
+        chain: &mut Chain,
+        answer: Answer,
+        requested_at: SystemTime,
+    ) -> Result<Granted, GrantError> {
         let Some(next) = answer.refresh_token else {
             tracing::warn!(
                 tenant = &*self.tenant,
@@ -278,7 +394,8 @@ impl RefreshGrant {
         };
         chain.current = Some(next);
         chain.unsaved = true;
-        self.save(chain).await?;
+        self.save(chain, shared_access(&answer.access, requested_at).as_ref())
+            .await?;
         answer.access.map_err(|e| {
             GrantError::Transient(format!(
                 "{e} (its new refresh token was saved; the next renewal uses it)"
@@ -296,6 +413,7 @@ impl RefreshGrant {
     /// token is renewed at once.
     pub(crate) async fn exchange_code(&self, code: &str) -> Result<Granted, GrantError> {
         let secret = self.secret().await?;
+        let requested_at = SystemTime::now();
         let answer = self
             .endpoint
             .authorization_code(&self.client_id, &secret, code, &self.redirect_uri)
@@ -310,7 +428,11 @@ impl RefreshGrant {
             chain.current = Some(refresh_token);
             chain.unsaved = true;
             chain.seed_tried = true;
-            self.save(&mut chain).await
+            self.save(
+                &mut chain,
+                shared_access(&answer.access, requested_at).as_ref(),
+            )
+            .await
         };
         if let Err(e) = saved {
             // Kept in memory: the refresher saves it before it renews.
@@ -340,7 +462,9 @@ impl RefreshGrant {
         self.renew.notified().await
     }
 
-    async fn save(&self, chain: &mut Chain) -> Result<(), GrantError> {
+    /// Saves the refresh token in hand, with the access token that came
+    /// with it (which a shared store hands to the other replicas).
+    async fn save(&self, chain: &mut Chain, access: Option<&Access>) -> Result<(), GrantError> {
         let Some(token) = &chain.current else {
             return Ok(());
         };
@@ -351,11 +475,13 @@ impl RefreshGrant {
                 .unadopted_seed
                 .as_ref()
                 .is_some_and(|seed| same(seed, token)),
-            access: None,
+            access,
         };
         match self.store.put(self.key(), chain.generation, put).await {
             Ok(generation) => {
                 chain.generation = generation;
+                self.served.store(generation.0, Ordering::Release);
+                self.refreshing_here.store(true, Ordering::Relaxed);
                 chain.unsaved = false;
                 chain.unadopted_seed = None;
                 Ok(())
@@ -390,6 +516,15 @@ impl RefreshGrant {
             }
         }
     }
+}
+
+/// The access token of a token answer, as a shared store keeps it.
+fn shared_access(access: &Result<Granted, GrantError>, requested_at: SystemTime) -> Option<Access> {
+    access.as_ref().ok().map(|granted| Access {
+        token: granted.access_token.clone(),
+        requested_at,
+        lifetime: granted.expires_in,
+    })
 }
 
 /// Constant-time equality of two secrets.

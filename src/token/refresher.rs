@@ -136,6 +136,17 @@ pub(crate) async fn run(
                 s.next = Instant::now();
                 continue;
             }
+            // Another replica sharing the store rotated (or lost) the
+            // refresh token: serve its access token from now on.
+            () = source.change_reported() => {
+                let requested_at = Instant::now();
+                match source.adopt_changed().await {
+                    Ok(Some(granted)) => s.adopted(&target, &granted, requested_at, &cfg),
+                    Ok(None) => {}
+                    Err(err) => s.failed(&target, &err, &cfg),
+                }
+                continue;
+            }
         };
         if demanded && !s.answers_demand(cell) {
             continue;
@@ -216,6 +227,42 @@ impl Schedule {
             retry_at: None,
         });
         target.metrics.refresh(RefreshOutcome::Success);
+    }
+
+    /// A token another replica obtained, read from the shared store: put
+    /// in service and renewed when due, like one of this replica's own
+    /// (whichever replica is due first rotates; the others adopt again).
+    fn adopted(
+        &mut self,
+        target: &Target,
+        granted: &crate::oauth::Granted,
+        requested_at: Instant,
+        cfg: &RefreshConfig,
+    ) {
+        let cell = &target.cell;
+        let token = Token::new(
+            granted,
+            requested_at,
+            cfg.at_fraction,
+            cell.next_generation(),
+        );
+        let Ok(token) = token else {
+            return;
+        };
+        self.failures = 0;
+        self.next = token.refresh_at();
+        tracing::debug!(
+            tenant = &*target.name,
+            generation = token.generation(),
+            "access token taken from the shared store"
+        );
+        cell.publish(token);
+        cell.set_health(Health {
+            state: State::Ready,
+            last_refresh: Some(SystemTime::now()),
+            last_error: None,
+            retry_at: None,
+        });
     }
 
     fn failed(&mut self, target: &Target, err: &GrantError, cfg: &RefreshConfig) {

@@ -48,4 +48,24 @@ impl TokenSource {
             TokenSource::RefreshToken(grant) => grant.renewal_wanted().await,
         }
     }
+
+    /// Completes when a shared store reports that another replica changed
+    /// the tenant's record; never, for client credentials (each replica
+    /// fetches its own).
+    pub(crate) async fn change_reported(&self) {
+        match self {
+            TokenSource::ClientCredentials { .. } => std::future::pending().await,
+            TokenSource::RefreshToken(grant) => grant.change_reported().await,
+        }
+    }
+
+    /// After [`Self::change_reported`]: the token another replica stored,
+    /// if it is newer than the one served (see
+    /// [`RefreshGrant::adopt_changed`]).
+    pub(crate) async fn adopt_changed(&self) -> Result<Option<Granted>, GrantError> {
+        match self {
+            TokenSource::ClientCredentials { .. } => Ok(None),
+            TokenSource::RefreshToken(grant) => grant.adopt_changed().await,
+        }
+    }
 }
