@@ -204,6 +204,15 @@ pub(crate) trait TokenStore: Send + Sync + fmt::Debug {
     /// Every tenant's record (for `store copy`).
     fn all(&self) -> BoxFuture<'_, io::Result<Vec<Listed>>>;
 
+    /// SHA-256 (hex) of every config seed ever presented (for `store
+    /// copy`): a copy without them would let a tenant whose stored token
+    /// Criteo refused present its spent seed again.
+    fn presented_seeds(&self) -> BoxFuture<'_, io::Result<Vec<String>>>;
+
+    /// Records seeds as presented, by the hashes [`Self::presented_seeds`]
+    /// lists (for `store copy`); durable when it returns.
+    fn add_presented_seeds<'a>(&'a self, hashes: &'a [String]) -> BoxFuture<'a, io::Result<()>>;
+
     /// What is wrong with the store right now (unreachable, say), for
     /// `/readyz` and `/tenants`; `None` while it works.
     fn problem(&self) -> Option<String> {
@@ -284,6 +293,19 @@ impl TokenStore for FileStore {
 
     fn all(&self) -> BoxFuture<'_, io::Result<Vec<Listed>>> {
         Box::pin(async move { Ok(self.list()) })
+    }
+
+    fn presented_seeds(&self) -> BoxFuture<'_, io::Result<Vec<String>>> {
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let seeds = data.presented_seeds.iter().cloned().collect();
+        Box::pin(std::future::ready(Ok(seeds)))
+    }
+
+    fn add_presented_seeds<'a>(&'a self, hashes: &'a [String]) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(self.update(move |data| {
+            data.presented_seeds.extend(hashes.iter().cloned());
+            Ok::<_, io::Error>(())
+        }))
     }
 }
 

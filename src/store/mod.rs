@@ -13,9 +13,11 @@
 //! is what the rest of the crate uses.
 
 mod contract;
+pub(crate) mod copy;
 mod disk;
 mod format;
 mod open;
+mod snapshot;
 mod sqlite;
 
 pub(crate) use contract::{Generation, Key, Put, PutError, Record, TokenStore};
