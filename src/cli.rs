@@ -318,7 +318,7 @@ fn make_consent_url(config_path: Option<&Path>, args: &ConsentUrlArgs) -> Result
 
 /// `store copy`: what was copied on stdout, a failure on stderr.
 pub fn store_copy(config_path: Option<&Path>, args: &StoreCopyArgs) -> Result<(), Failure> {
-    use crate::store::copy::{self, Side, StoreSpec};
+    use crate::store::copy;
     let failed = |e: copy::CopyError| {
         eprintln!("criteo-token-proxy store copy: {e}");
         if e.is_usage() {
@@ -337,12 +337,8 @@ pub fn store_copy(config_path: Option<&Path>, args: &StoreCopyArgs) -> Result<()
         ),
         None => None,
     };
-    let job = copy::Copy {
-        from: StoreSpec::parse(&args.from, Side::Source).map_err(failed)?,
-        to: StoreSpec::parse(&args.to, Side::Destination).map_err(failed)?,
-        skip_existing: args.skip_existing,
-        client_ids,
-    };
+    let job =
+        copy::Copy::parse(&args.from, &args.to, args.skip_existing, client_ids).map_err(failed)?;
     // Only warnings: what the copy did is its own output.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()

@@ -160,13 +160,6 @@ impl StoreSpec {
     fn keys_by_client_id(&self) -> bool {
         matches!(self, StoreSpec::Postgres(_))
     }
-
-    fn path(&self) -> Option<&Path> {
-        match self {
-            StoreSpec::Json(p) | StoreSpec::Sqlite(p) => Some(p),
-            StoreSpec::Postgres(_) => None,
-        }
-    }
 }
 
 /// Opens the source of a copy, read-only and held against a running proxy.
@@ -227,6 +220,32 @@ pub(crate) struct Copy {
     pub client_ids: Option<HashMap<String, String>>,
 }
 
+impl Copy {
+    /// The copy the command line asks for (see [`StoreSpec::parse`]).
+    pub(crate) fn parse(
+        from: &str,
+        to: &str,
+        skip_existing: bool,
+        client_ids: Option<HashMap<String, String>>,
+    ) -> Result<Self, CopyError> {
+        let same = match (disk::resolve(Path::new(from)), disk::resolve(Path::new(to))) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => from == to,
+        };
+        if same {
+            return Err(CopyError::Usage(format!(
+                "--from and --to are the same store ({from})"
+            )));
+        }
+        Ok(Self {
+            from: StoreSpec::parse(from, Side::Source)?,
+            to: StoreSpec::parse(to, Side::Destination)?,
+            skip_existing,
+            client_ids,
+        })
+    }
+}
+
 /// What a copy did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Copied {
@@ -238,18 +257,10 @@ pub(crate) struct Copied {
 /// Runs the copy; writes one line per tenant to `out` (names and
 /// `client_id`s only: never a token) and the summary.
 pub(crate) async fn run(copy: &Copy, out: &mut dyn Write) -> Result<Copied, CopyError> {
-    if let (Some(a), Some(b)) = (copy.from.path(), copy.to.path())
-        && disk::resolve(a).ok() == disk::resolve(b).ok()
-    {
-        return Err(CopyError::Usage(format!(
-            "--from and --to are the same store ({})",
-            copy.from
-        )));
-    }
     let (src_at, dst_at) = (copy.from.to_string(), copy.to.to_string());
-    // The source first: its lock is held before DST is touched.
+    // The source first: its lock is held before DST is touched, and DST
+    // is not touched before the records are known to fit it.
     let src = open_source(&copy.from).await?;
-    let dst = open_destination(&copy.to).await?;
     let src_error = |e| CopyError::store(Side::Source, &src_at, e);
     let dst_error = |e: &dyn fmt::Display| CopyError::store(Side::Destination, &dst_at, e);
 
@@ -280,6 +291,7 @@ pub(crate) async fn run(copy: &Copy, out: &mut dyn Write) -> Result<Copied, Copy
         )));
     }
 
+    let dst = open_destination(&copy.to).await?;
     let mut existing = Vec::new();
     for l in &listed {
         let key = key(l);
