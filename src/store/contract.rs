@@ -76,7 +76,6 @@ pub(crate) struct Record {
 
 /// A record as listed by [`TokenStore::all`] (for `store copy`).
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // until `store copy`
 pub(crate) struct Listed {
     pub name: String,
     /// Empty in a record written by a release that did not record it.
@@ -160,7 +159,7 @@ impl Changes {
 
 /// Where refresh tokens live. Losing the newest one loses the tenant: a
 /// put returns only once the token is durable.
-#[allow(dead_code)] // `shared`, `changes`, `all`, `problem`: until the shared store
+#[allow(dead_code)] // `shared`, `changes`, `problem`: until the shared store
 pub(crate) trait TokenStore: Send + Sync + fmt::Debug {
     /// Where the store is, for messages (never a secret).
     fn location(&self) -> String;
@@ -424,6 +423,31 @@ mod tests {
             let expected = if json { "" } else { "app-1" };
             assert_eq!(all[0].client_id, expected);
             assert_eq!(all[0].record.refresh_token.expose_secret(), "rt-1");
+        }
+    }
+
+    #[tokio::test]
+    async fn presented_seeds_are_listed_and_recorded_by_their_hashes() {
+        let mut all = stores();
+        let (from_dir, from) = all.remove(0);
+        let seed = SecretString::from("seed-1");
+        let adopt = Put {
+            adopt_seed: true,
+            ..put(&seed)
+        };
+        from.put(ACME, Generation::NONE, adopt).await.unwrap();
+        let hashes = from.presented_seeds().await.unwrap();
+        assert_eq!(hashes.len(), 1);
+        assert!(!hashes[0].contains("seed-1"), "a hash, not the seed");
+        for (_dir, to) in std::iter::once((from_dir, from)).chain(all) {
+            to.add_presented_seeds(&hashes).await.unwrap();
+            assert!(to.seed_presented(&seed).await.unwrap());
+            assert!(
+                !to.seed_presented(&SecretString::from("other"))
+                    .await
+                    .unwrap()
+            );
+            assert_eq!(to.presented_seeds().await.unwrap(), hashes);
         }
     }
 

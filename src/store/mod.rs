@@ -139,7 +139,6 @@ impl FileStore {
     }
 
     /// Every tenant's record (the file records no `client_id`).
-    #[allow(dead_code)] // until `store copy`
     fn list(&self) -> Vec<Listed> {
         let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
         data.tenants
