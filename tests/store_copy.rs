@@ -296,7 +296,7 @@ async fn a_tenant_the_destination_holds_is_never_overwritten() {
 }
 
 #[tokio::test]
-async fn unusable_arguments_exit_64_with_a_message_naming_the_argument() {
+async fn unusable_arguments_exit_64_and_an_invalid_config_78_with_a_message_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("tokens.json");
     old_json_store(&json, &[("acme", "rt-acme", false)], &[]);
@@ -335,6 +335,19 @@ async fn unusable_arguments_exit_64_with_a_message_naming_the_argument() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
         assert!(!stderr.contains("hunter2"), "the password was printed");
     }
+    let bad = write(dir.path(), "bad.toml", "[server]\nlisten = \"nowhere\"\n");
+    let out = copy(&[
+        "--config",
+        bad.to_str().unwrap(),
+        "--from",
+        json_s,
+        "--to",
+        db_s,
+    ])
+    .await;
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("server.listen"), "{stderr}");
     assert!(!db.exists(), "nothing was created");
 }
 
