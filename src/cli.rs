@@ -57,6 +57,48 @@ pub enum Command {
     /// Print a consent URL: for a refresh-token tenant (--tenant), or a
     /// signed one for a client-credentials app (--state, --redirect-uri).
     ConsentUrl(ConsentUrlArgs),
+    /// Work on a token store (stop the proxy that uses it first).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy every tenant's refresh token from one store to another, e.g.
+    /// from the embedded store to PostgreSQL before running replicas.
+    ///
+    /// The source is only read, never changed, and is held for the whole
+    /// copy: a proxy running on it refuses the copy (stop it first), and
+    /// one started meanwhile is refused. A tenant the destination already
+    /// holds is never overwritten: the copy is refused before anything is
+    /// written, unless --skip-existing. Prints each tenant copied (name and
+    /// client_id, never a token) and a summary. With --config, each
+    /// tenant's client_id is taken from the proxy's configuration where the
+    /// source records none (JSON stores of earlier releases); PostgreSQL
+    /// needs one.
+    ///
+    /// Exit codes: 0 copied; 64 unusable arguments (no such file, unknown
+    /// format, a client_id missing); 78 invalid --config; 1 anything else
+    /// (source in use, tenants already in the destination, I/O).
+    Copy(StoreCopyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StoreCopyArgs {
+    /// The store to read: a token store file (SQLite, or the JSON file of
+    /// an earlier release), or a postgres:// URL.
+    #[arg(long, value_name = "PATH|URL")]
+    from: String,
+    /// The store to write: a SQLite file (created, mode 0600, if missing)
+    /// or a postgres:// URL.
+    #[arg(long, value_name = "PATH|URL")]
+    to: String,
+    /// Copy the other tenants when the destination already holds some
+    /// (those are left as they are, and listed as skipped).
+    #[arg(long)]
+    skip_existing: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -272,6 +314,42 @@ fn make_consent_url(config_path: Option<&Path>, args: &ConsentUrlArgs) -> Result
         state,
         redirect_uri,
     ))
+}
+
+/// `store copy`: what was copied on stdout, a failure on stderr.
+pub fn store_copy(config_path: Option<&Path>, args: &StoreCopyArgs) -> Result<(), Failure> {
+    use crate::store::copy;
+    let failed = |e: copy::CopyError| {
+        eprintln!("criteo-token-proxy store copy: {e}");
+        if e.is_usage() {
+            Failure::Usage
+        } else {
+            Failure::Runtime
+        }
+    };
+    let client_ids = match config_path {
+        Some(p) => Some(
+            load(Some(p))?
+                .tenants
+                .into_iter()
+                .map(|t| (t.name, t.client_id))
+                .collect(),
+        ),
+        None => None,
+    };
+    let job =
+        copy::Copy::parse(&args.from, &args.to, args.skip_existing, client_ids).map_err(failed)?;
+    // Only warnings: what the copy did is its own output.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut out = std::io::stdout().lock();
+    main_runtime()?
+        .block_on(copy::run(&job, &mut out))
+        .map(drop)
+        .map_err(failed)
 }
 
 /// Logs go to stderr; colour only when that is a terminal (a file, a pipe

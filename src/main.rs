@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use criteo_token_proxy::cli::{self, Cli, Command, Failure};
+use criteo_token_proxy::cli::{self, Cli, Command, Failure, StoreCommand};
 
 /// mimalloc: measured against glibc's malloc on the nginx comparison, it
 /// takes fewer instructions per request (see the README's Performance
@@ -31,6 +31,9 @@ fn main() -> ExitCode {
             Err(Failure::Usage)
         }
         Some(Command::CheckConfig) => cli::check_config(args.config.as_deref()),
+        Some(Command::Store {
+            command: StoreCommand::Copy(copy),
+        }) => cli::store_copy(args.config.as_deref(), copy),
         None if args.dev => cli::dev(args.log_format),
         None => cli::proxy(args.config, args.log_format),
     };

@@ -76,7 +76,6 @@ pub(crate) struct Record {
 
 /// A record as listed by [`TokenStore::all`] (for `store copy`).
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // until `store copy`
 pub(crate) struct Listed {
     pub name: String,
     /// Empty in a record written by a release that did not record it.
@@ -160,7 +159,7 @@ impl Changes {
 
 /// Where refresh tokens live. Losing the newest one loses the tenant: a
 /// put returns only once the token is durable.
-#[allow(dead_code)] // `shared`, `changes`, `all`, `problem`: until the shared store
+#[allow(dead_code)] // `shared`, `changes`, `problem`: until the shared store
 pub(crate) trait TokenStore: Send + Sync + fmt::Debug {
     /// Where the store is, for messages (never a secret).
     fn location(&self) -> String;
@@ -203,6 +202,15 @@ pub(crate) trait TokenStore: Send + Sync + fmt::Debug {
 
     /// Every tenant's record (for `store copy`).
     fn all(&self) -> BoxFuture<'_, io::Result<Vec<Listed>>>;
+
+    /// SHA-256 (hex) of every config seed ever presented (for `store
+    /// copy`): a copy without them would let a tenant whose stored token
+    /// Criteo refused present its spent seed again.
+    fn presented_seeds(&self) -> BoxFuture<'_, io::Result<Vec<String>>>;
+
+    /// Records seeds as presented, by the hashes [`Self::presented_seeds`]
+    /// lists (for `store copy`); durable when it returns.
+    fn add_presented_seeds<'a>(&'a self, hashes: &'a [String]) -> BoxFuture<'a, io::Result<()>>;
 
     /// What is wrong with the store right now (unreachable, say), for
     /// `/readyz` and `/tenants`; `None` while it works.
@@ -284,6 +292,19 @@ impl TokenStore for FileStore {
 
     fn all(&self) -> BoxFuture<'_, io::Result<Vec<Listed>>> {
         Box::pin(async move { Ok(self.list()) })
+    }
+
+    fn presented_seeds(&self) -> BoxFuture<'_, io::Result<Vec<String>>> {
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let seeds = data.presented_seeds.iter().cloned().collect();
+        Box::pin(std::future::ready(Ok(seeds)))
+    }
+
+    fn add_presented_seeds<'a>(&'a self, hashes: &'a [String]) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(self.update(move |data| {
+            data.presented_seeds.extend(hashes.iter().cloned());
+            Ok::<_, io::Error>(())
+        }))
     }
 }
 
@@ -402,6 +423,31 @@ mod tests {
             let expected = if json { "" } else { "app-1" };
             assert_eq!(all[0].client_id, expected);
             assert_eq!(all[0].record.refresh_token.expose_secret(), "rt-1");
+        }
+    }
+
+    #[tokio::test]
+    async fn presented_seeds_are_listed_and_recorded_by_their_hashes() {
+        let mut all = stores();
+        let (from_dir, from) = all.remove(0);
+        let seed = SecretString::from("seed-1");
+        let adopt = Put {
+            adopt_seed: true,
+            ..put(&seed)
+        };
+        from.put(ACME, Generation::NONE, adopt).await.unwrap();
+        let hashes = from.presented_seeds().await.unwrap();
+        assert_eq!(hashes.len(), 1);
+        assert!(!hashes[0].contains("seed-1"), "a hash, not the seed");
+        for (_dir, to) in std::iter::once((from_dir, from)).chain(all) {
+            to.add_presented_seeds(&hashes).await.unwrap();
+            assert!(to.seed_presented(&seed).await.unwrap());
+            assert!(
+                !to.seed_presented(&SecretString::from("other"))
+                    .await
+                    .unwrap()
+            );
+            assert_eq!(to.presented_seeds().await.unwrap(), hashes);
         }
     }
 

@@ -13,9 +13,11 @@
 //! is what the rest of the crate uses.
 
 mod contract;
+pub(crate) mod copy;
 mod disk;
 mod format;
 mod open;
+mod snapshot;
 mod sqlite;
 
 pub(crate) use contract::{Access, Generation, Key, Put, PutError, Record, TokenStore};
@@ -137,7 +139,6 @@ impl FileStore {
     }
 
     /// Every tenant's record (the file records no `client_id`).
-    #[allow(dead_code)] // until `store copy`
     fn list(&self) -> Vec<Listed> {
         let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
         data.tenants

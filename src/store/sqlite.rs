@@ -23,7 +23,7 @@ use super::contract::{self, BoxFuture, Changes, Key, Lease, Listed};
 use super::{Generation, Put, PutError, Record, StoreError, TokenStore, disk, format};
 
 /// The first bytes of every SQLite database file.
-const MAGIC: &[u8] = b"SQLite format 3\0";
+pub(super) const MAGIC: &[u8] = b"SQLite format 3\0";
 
 /// The schema this release writes (`PRAGMA user_version`).
 pub(super) const SCHEMA_VERSION: i64 = 1;
@@ -68,11 +68,11 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 #[derive(Default)]
-struct Cache {
+pub(super) struct Cache {
     /// By name, with the `client_id` last written.
-    tenants: HashMap<String, (String, Record)>,
+    pub(super) tenants: HashMap<String, (String, Record)>,
     /// SHA-256 (hex) of every seed presented.
-    seeds: HashSet<String>,
+    pub(super) seeds: HashSet<String>,
 }
 
 /// What is at `store.path`.
@@ -205,7 +205,7 @@ fn create_private(path: &Path) -> io::Result<()> {
 }
 
 /// Whether the database is whole and, if it has tables, this store's.
-fn check(conn: &Connection) -> Result<(), String> {
+pub(super) fn check(conn: &Connection) -> Result<(), String> {
     let verdict: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
         .map_err(|e| e.to_string())?;
@@ -231,7 +231,7 @@ fn check(conn: &Connection) -> Result<(), String> {
 }
 
 /// Every row, for the cache.
-fn load(conn: &Connection) -> rusqlite::Result<Cache> {
+pub(super) fn load(conn: &Connection) -> rusqlite::Result<Cache> {
     let mut cache = Cache::default();
     let mut rows =
         conn.prepare("SELECT name, client_id, refresh_token, rejected, generation FROM tenants")?;
@@ -390,5 +390,37 @@ impl TokenStore for SqliteStore {
             })
             .collect();
         Box::pin(std::future::ready(Ok(all)))
+    }
+
+    fn presented_seeds(&self) -> BoxFuture<'_, io::Result<Vec<String>>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let seeds = cache.seeds.iter().cloned().collect();
+        Box::pin(std::future::ready(Ok(seeds)))
+    }
+
+    fn add_presented_seeds<'a>(&'a self, hashes: &'a [String]) -> BoxFuture<'a, io::Result<()>> {
+        let owned = hashes.to_vec();
+        Box::pin(async move {
+            self.still_in_place()?;
+            self.call(move |conn| {
+                let tx = conn.transaction().map_err(sql)?;
+                for hash in &owned {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO presented_seeds (hash) VALUES (?1)",
+                        [hash],
+                    )
+                    .map_err(sql)?;
+                }
+                tx.commit().map_err(sql)
+            })
+            .await
+            .map_err(|e| match e {
+                PutError::Io(e) => e,
+                other => io::Error::other(other),
+            })?;
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.seeds.extend(hashes.iter().cloned());
+            Ok(())
+        })
     }
 }
