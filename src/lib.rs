@@ -44,6 +44,14 @@ pub mod sandbox {
     pub use crate::dev::tokens::{Grant, Ledger, form_encoded};
 }
 
+/// The token stores filled with many tenants and rotated one tenant at a
+/// time, for `benches/store_rotation.rs`. Not a stable API: it exists for
+/// the benchmark.
+#[doc(hidden)]
+pub mod bench_support {
+    pub use crate::store::bench::{Filled, json, sqlite};
+}
+
 /// Consent states, as the admin listener issues and checks them.
 pub mod consent {
     pub use crate::oauth::consent::{STATE_TTL, issue_state};

@@ -1,8 +1,14 @@
 //! What ships beside the code: every YAML under deploy/ parses and the
 //! sidecar manifest keeps its promises; the example config and the
-//! ConfigMap's config pass `check-config`.
+//! ConfigMap's config pass `check-config`. The single-replica base keeps
+//! one writer on its volume; the overlay for several replicas is in
+//! `deploy/replicas.rs`.
 
 mod support;
+
+/// The overlay for several replicas (deploy/kubernetes/overlays/replicas).
+#[path = "deploy/replicas.rs"]
+mod replicas;
 
 use std::path::{Path, PathBuf};
 
@@ -52,11 +58,26 @@ fn every_yaml_under_deploy_parses_and_the_kustomization_lists_real_files() {
             assert!(d["kind"].as_str().is_some(), "{}: no kind", f.display());
         }
     }
-    let base = root().join("deploy/kubernetes/base");
-    let k = &load(&base.join("kustomization.yaml"))[0];
-    for r in k["resources"].as_vec().unwrap() {
-        let r = r.as_str().unwrap();
-        assert!(base.join(r).is_file(), "kustomization names missing {r}");
+    let kustomizations: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| f.ends_with("kustomization.yaml"))
+        .collect();
+    assert!(kustomizations.len() >= 2, "the base and the overlay");
+    for k in kustomizations {
+        let dir = k.parent().unwrap();
+        let k = &load(k)[0];
+        for r in k["resources"].as_vec().unwrap() {
+            let r = dir.join(r.as_str().unwrap());
+            assert!(
+                r.is_file() || r.join("kustomization.yaml").is_file(),
+                "kustomization names missing {}",
+                r.display()
+            );
+        }
+        for p in k["patches"].as_vec().map_or(&[][..], Vec::as_slice) {
+            let p = dir.join(p["path"].as_str().unwrap());
+            assert!(p.is_file(), "kustomization names missing {}", p.display());
+        }
     }
 }
 
@@ -107,6 +128,75 @@ fn the_sidecar_is_probed_limited_and_locked_down() {
     );
     let replicas = kind(&docs, "Deployment")["spec"]["replicas"].as_i64();
     assert_eq!(replicas, Some(1));
+}
+
+/// The `[store]` section's `key = "value"` lines of a ConfigMap's
+/// `proxy.toml`, comments dropped.
+fn store_section(toml: &str) -> Vec<(String, String)> {
+    toml.lines()
+        .map(str::trim)
+        .skip_while(|l| *l != "[store]")
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("key = value");
+            (k.trim().to_owned(), v.trim().trim_matches('"').to_owned())
+        })
+        .collect()
+}
+
+fn configmap_toml(path: &Path) -> String {
+    kind(&load(path), "ConfigMap")["data"]["proxy.toml"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A rolling update, or a second replica, would run two proxies on one
+/// SQLite file (the second refused by its lock, or, on another node, on a
+/// volume it cannot attach): the base runs one, replaced by stopping it.
+#[test]
+fn the_single_replica_base_keeps_one_writer_on_its_volume() {
+    let base = root().join("deploy/kubernetes/base");
+    let docs = load(&base.join("deployment.yaml"));
+    let deployment = &kind(&docs, "Deployment")["spec"];
+    assert_eq!(deployment["replicas"].as_i64(), Some(1));
+    assert_eq!(deployment["strategy"]["type"].as_str(), Some("Recreate"));
+
+    let store = store_section(&configmap_toml(&base.join("configmap.yaml")));
+    let keys: Vec<&str> = store.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["path"], "the embedded store");
+    let path = Path::new(&store[0].1);
+
+    let spec = &deployment["template"]["spec"];
+    let proxy = spec["initContainers"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str() == Some("criteo-token-proxy"))
+        .unwrap();
+    let mount = proxy["volumeMounts"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+        .expect("store.path is on a mounted volume");
+    assert!(mount["readOnly"].as_bool() != Some(true));
+    let volume = spec["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let claim = volume["persistentVolumeClaim"]["claimName"]
+        .as_str()
+        .expect("a persistent volume, not an emptyDir: tokens outlive the pod");
+    let pvc = load(&base.join("pvc.yaml"));
+    assert_eq!(
+        kind(&pvc, "PersistentVolumeClaim")["metadata"]["name"].as_str(),
+        Some(claim)
+    );
 }
 
 /// Runs `check-config` on `config`, pointing every secret file at a temp

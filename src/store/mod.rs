@@ -12,6 +12,8 @@
 //! tokens, whichever the format. The [`TokenStore`] trait (`contract.rs`)
 //! is what the rest of the crate uses.
 
+#[doc(hidden)]
+pub(crate) mod bench;
 mod contract;
 pub(crate) mod copy;
 mod disk;
