@@ -151,7 +151,10 @@ impl Default for RawRefresh {
 pub(super) struct RawStore {
     pub(super) path: Option<PathBuf>,
     /// Holds a password: printed with it redacted.
-    #[serde(deserialize_with = "opt_lenient_secret", serialize_with = "redacted_url")]
+    #[serde(
+        deserialize_with = "opt_lenient_secret",
+        serialize_with = "redacted_url"
+    )]
     pub(super) url: Option<SecretString>,
     pub(super) url_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]

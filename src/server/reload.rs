@@ -131,10 +131,8 @@ impl Reloader {
             .any(|t| t.grant == crate::config::Grant::RefreshToken);
         if needs_store && refreshers.store.is_none() {
             let (store, errors) = (config.store.clone(), self.metrics.store_errors());
-            match tokio::task::spawn_blocking(move || {
-                crate::store::open_configured(&store, errors)
-            })
-            .await
+            match tokio::task::spawn_blocking(move || crate::store::open_configured(&store, errors))
+                .await
             {
                 Ok(Ok(s)) => refreshers.store = s,
                 Ok(Err(e)) => {

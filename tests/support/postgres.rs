@@ -31,9 +31,7 @@ impl Postgres {
     /// message on stderr) when PostgreSQL's programs cannot be found.
     pub fn start() -> Option<Self> {
         let Some(bin) = find_bin() else {
-            eprintln!(
-                "\n*** SKIPPED: PostgreSQL not installed (apt-get install postgresql) ***\n"
-            );
+            eprintln!("\n*** SKIPPED: PostgreSQL not installed (apt-get install postgresql) ***\n");
             return None;
         };
         let dir = tempfile::Builder::new()
@@ -92,7 +90,14 @@ impl Postgres {
             let data = self.data();
             self.run(
                 "pg_ctl",
-                &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
             );
             self.running = false;
         }
@@ -137,8 +142,22 @@ impl Postgres {
         let out = self.run(
             "psql",
             &[
-                "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port,
-                "-U", "postgres", "-d", db, "-c", sql,
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
             ],
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -181,9 +200,16 @@ impl Drop for Postgres {
         if self.running {
             let data = self.data();
             let mut cmd = Command::new(self.bin.join("pg_ctl"));
-            cmd.args(["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+            cmd.args([
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
             if let Some((uid, gid)) = self.run_as {
                 cmd.uid(uid).gid(gid);
             }
@@ -195,7 +221,11 @@ impl Drop for Postgres {
 /// The folder holding `initdb` and `pg_ctl`: on `PATH`, else the newest
 /// `/usr/lib/postgresql/*/bin` (Debian does not put them on `PATH`).
 fn find_bin() -> Option<PathBuf> {
-    let has_all = |dir: &Path| ["initdb", "pg_ctl", "psql"].iter().all(|p| dir.join(p).is_file());
+    let has_all = |dir: &Path| {
+        ["initdb", "pg_ctl", "psql"]
+            .iter()
+            .all(|p| dir.join(p).is_file())
+    };
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
             if has_all(&dir) {

@@ -133,7 +133,10 @@ pub(super) fn store(
         [_] => url = store_url(raw.url, raw.url_file, bad),
         [first, rest @ ..] => bad(
             first,
-            format!("set only one of store.path, store.url, store.url_file (found {first} and {})", rest.join(" and ")),
+            format!(
+                "set only one of store.path, store.url, store.url_file (found {first} and {})",
+                rest.join(" and ")
+            ),
         ),
     }
     // Its folder (a symbolic link's target's) must exist and not be
@@ -145,7 +148,11 @@ pub(super) fn store(
         bad("store.path", msg);
     }
     for (key, d, range) in [
-        ("store.lease", raw.lease, Duration::from_secs(1)..=Duration::from_secs(600)),
+        (
+            "store.lease",
+            raw.lease,
+            Duration::from_secs(1)..=Duration::from_secs(600),
+        ),
         (
             "store.poll_interval",
             raw.poll_interval,
@@ -183,9 +190,16 @@ fn store_url(
     if inline.is_none() && file.is_none() {
         return None;
     }
-    let key = if inline.is_some() { "store.url" } else { "store.url_file" };
+    let key = if inline.is_some() {
+        "store.url"
+    } else {
+        "store.url_file"
+    };
     let src = secret_pair("store.url", inline, file, bad)?;
-    match src.load().map(|u| crate::store::check_url(u.expose_secret())) {
+    match src
+        .load()
+        .map(|u| crate::store::check_url(u.expose_secret()))
+    {
         Ok(Ok(())) => Some(src),
         Ok(Err(e)) | Err(e) => {
             bad(key, e);

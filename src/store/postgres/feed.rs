@@ -154,11 +154,9 @@ pub(super) async fn run(shared: Arc<Shared>, mut notes: mpsc::Receiver<String>) 
             // A lease released: nothing to read.
             Some(Note { g: None, .. }) => {}
             _ => {
-                let polled = tokio::time::timeout(
-                    STATEMENT_TIMEOUT,
-                    poll(&shared, &client, Scope::Recent),
-                )
-                .await;
+                let polled =
+                    tokio::time::timeout(STATEMENT_TIMEOUT, poll(&shared, &client, Scope::Recent))
+                        .await;
                 if !matches!(polled, Ok(Ok(()))) {
                     shared.errors.inc("feed");
                 }

@@ -119,16 +119,17 @@ pub(super) async fn take(shared: &Arc<Shared>, key: Key<'_>) -> io::Result<Lease
                 format!("another replica holds the refresh lease of tenant {name}"),
             ));
         }
-        let _ = tokio::time::timeout_at(
-            deadline.min(tokio::time::Instant::now() + RETRY),
-            woken,
-        )
-        .await;
+        let _ =
+            tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + RETRY), woken).await;
     }
 }
 
 /// Renews the lease every third of `store.lease` until aborted.
-async fn renew(shared: Arc<Shared>, (name, client_id, holder): (String, String, String), millis: f64) {
+async fn renew(
+    shared: Arc<Shared>,
+    (name, client_id, holder): (String, String, String),
+    millis: f64,
+) {
     let mut tick = tokio::time::interval(shared.lease / 3);
     tick.tick().await; // the first tick is now
     loop {

@@ -165,7 +165,10 @@ impl PgStore {
 
 impl Shared {
     fn problem(&self) -> Option<String> {
-        self.problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn set_problem(&self, problem: Option<String>) {
@@ -251,7 +254,8 @@ fn generation(g: i64) -> Generation {
     Generation(g.unsigned_abs())
 }
 
-const COLUMNS: &str = "refresh_token, rejected, generation, access_token, access_requested_at, access_lifetime_ms";
+const COLUMNS: &str =
+    "refresh_token, rejected, generation, access_token, access_requested_at, access_lifetime_ms";
 
 /// A record from a row of [`COLUMNS`] (from column `at` on).
 fn record(row: &tokio_postgres::Row, at: usize) -> Record {
@@ -461,3 +465,5 @@ impl TokenStore for PgStore {
 #[cfg(test)]
 #[path = "../../../tests/support/postgres.rs"]
 pub(crate) mod harness;
+#[cfg(test)]
+pub(crate) mod tests;

@@ -109,10 +109,17 @@ pub(super) async fn migrate(client: &mut Client) -> Result<(), String> {
     tx.execute("DELETE FROM criteo_proxy_schema", &[])
         .await
         .map_err(sql)?;
-    tx.execute("INSERT INTO criteo_proxy_schema (version) VALUES ($1)", &[&VERSION])
-        .await
-        .map_err(sql)?;
+    tx.execute(
+        "INSERT INTO criteo_proxy_schema (version) VALUES ($1)",
+        &[&VERSION],
+    )
+    .await
+    .map_err(sql)?;
     tx.commit().await.map_err(sql)?;
-    tracing::info!(version = VERSION, from = found, "token store schema migrated");
+    tracing::info!(
+        version = VERSION,
+        from = found,
+        "token store schema migrated"
+    );
     Ok(())
 }

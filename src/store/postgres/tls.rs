@@ -42,9 +42,7 @@ impl MakeRustls {
                     .map_err(|e| format!("sslrootcert: {e}"))?;
                 for cert in CertificateDer::pem_slice_iter(&pem) {
                     let cert = cert.map_err(|e| format!("sslrootcert: not PEM: {e}"))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("sslrootcert: {e}"))?;
+                    roots.add(cert).map_err(|e| format!("sslrootcert: {e}"))?;
                 }
             }
             builder.with_root_certificates(roots).with_no_client_auth()

