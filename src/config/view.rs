@@ -310,7 +310,13 @@ mod tests {
         let headers: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
         assert_eq!(
             headers,
-            ["[server]", "[upstream]", "[refresh]", "[tenants.main]"],
+            [
+                "[server]",
+                "[upstream]",
+                "[refresh]",
+                "[store]",
+                "[tenants.main]"
+            ],
             "{text}"
         );
         assert!(text.starts_with("[server]\nlisten = "), "{text}");
