@@ -129,6 +129,28 @@ impl Postgres {
         self.running = true;
     }
 
+    /// Serves TLS from now on with this certificate and key (PEM): they
+    /// are written into the data folder, `ssl = on`, and the server is
+    /// restarted.
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data();
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            std::fs::write(&path, pem).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl = on\n");
+        std::fs::write(&conf, text).unwrap();
+        self.stop();
+        self.start_again();
+    }
+
     /// Runs `sql` with `psql` in the `criteo` database (or `postgres` for
     /// `CREATE DATABASE`); panics on failure. Returns what it printed
     /// (unaligned, tuples only).

@@ -40,6 +40,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, notes: mpsc::Sender<String>) 
                     tracing::warn!(store = %shared.shown, error = %e, "token store database unreachable; retrying");
                 }
                 shared.set_problem(Some(e));
+                shared.failures.send_modify(|n| *n += 1);
             }
         }
         shared.client.send_replace(None);
@@ -79,7 +80,7 @@ async fn session(
     let (mut client, mut connection) = tokio::time::timeout(Duration::from_secs(30), connecting)
         .await
         .map_err(|_| unreachable(&"timed out"))?
-        .map_err(|e| unreachable(&e))?;
+        .map_err(|e| unreachable(&super::full(&e)))?;
     // The connection is driven here, in this task: aborting the task (the
     // store dropped) closes it, and the database frees its leases.
     let driver = async {
@@ -90,14 +91,14 @@ async fn session(
                     let _ = notes.try_send(n.payload().to_owned());
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return e.to_string(),
+                Some(Err(e)) => return super::full(&e),
                 None => return "the connection was closed".to_owned(),
             }
         }
     };
     tokio::pin!(driver);
     let setup = async {
-        let sql = |e: tokio_postgres::Error| unreachable(&e);
+        let sql = |e: tokio_postgres::Error| unreachable(&super::full(&e));
         client
             .batch_execute(&format!(
                 "SET statement_timeout = {}",

@@ -75,6 +75,8 @@ pub(super) struct Shared {
     /// The live connection, if any.
     client: watch::Sender<Option<Arc<Client>>>,
     problem: Mutex<Option<String>>,
+    /// Connection attempts that failed so far.
+    failures: watch::Sender<u64>,
     /// A statement timed out: the supervisor drops the connection.
     reset: Notify,
     /// Something changed (a notification, a poll): lease waiters retry.
@@ -120,6 +122,7 @@ impl PgStore {
             lease: options.lease,
             poll_interval: options.poll_interval,
             client: watch::Sender::new(None),
+            failures: watch::Sender::new(0),
             reset: Notify::new(),
             wake: Notify::new(),
             feed_tx,
@@ -138,15 +141,24 @@ impl PgStore {
     }
 
     /// [`Self::start`], then waits up to `wait` for the database (for
-    /// `store copy`, which has nothing to do without it). The error says
-    /// why it cannot be used.
+    /// `store copy`, which has nothing to do without it): `Ok` once
+    /// connected (schema checked), `Err` saying why at the first failed
+    /// attempt (unreachable, refused, a certificate or schema problem) or
+    /// when `wait` runs out.
     #[allow(dead_code)] // until `store copy`
     pub(crate) async fn connect(options: PgOptions, wait: Duration) -> Result<Self, String> {
         let store = Self::start(options);
         let mut live = store.shared.client.subscribe();
-        let up = tokio::time::timeout(wait, live.wait_for(Option::is_some)).await;
+        let mut failures = store.shared.failures.subscribe();
+        let up = tokio::time::timeout(wait, async {
+            tokio::select! {
+                up = live.wait_for(Option::is_some) => up.is_ok(),
+                _ = failures.wait_for(|n| *n > 0) => false,
+            }
+        })
+        .await;
         match up {
-            Ok(Ok(_)) => Ok(store),
+            Ok(true) => Ok(store),
             _ => Err(store
                 .shared
                 .problem()
@@ -216,7 +228,7 @@ impl Shared {
                 };
                 Err(io::Error::new(
                     kind,
-                    format!("token store database at {place}: {e}"),
+                    format!("token store database at {place}: {}", full(&e)),
                 ))
             }
             Err(_) => {
@@ -248,6 +260,23 @@ impl Shared {
             .await?;
         Ok(row.map_or(Generation::NONE, |r| generation(r.get(0))))
     }
+}
+
+/// An error with its causes ("error performing TLS handshake: invalid
+/// peer certificate: UnknownIssuer"): `tokio-postgres` shows only the
+/// first.
+pub(super) fn full(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn generation(g: i64) -> Generation {

@@ -335,3 +335,51 @@ async fn a_url_file_is_read_at_connection() {
     assert!(store.all().await.unwrap().is_empty());
     let _ = Arc::new(store);
 }
+
+#[tokio::test]
+async fn tls_is_used_for_require_and_checked_for_verify_full() {
+    let Some(mut pg) = tokio::task::spawn_blocking(Postgres::start).await.unwrap() else {
+        return;
+    };
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+    let mut pg = tokio::task::spawn_blocking(move || {
+        pg.enable_tls(&cert, &key);
+        pg
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, ck.cert.pem()).unwrap();
+    let at = |query: &str| {
+        let url = format!("postgres://postgres@localhost:{}/criteo?{query}", pg.port());
+        PgOptions {
+            url: SecretSource::Inline(SecretString::from(url)),
+            ..options(&pg, LONG_LEASE)
+        }
+    };
+    let wait = Duration::from_secs(10);
+    let encrypted = "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'criteo-token-proxy' AND s.ssl";
+
+    // require: encrypted, the certificate (self-signed) not checked.
+    let require = PgStore::connect(at("sslmode=require"), wait).await.unwrap();
+    assert_eq!(pg.sql(encrypted), "1");
+    drop(require);
+
+    // verify-full: checked against sslrootcert, host name included.
+    let query = format!("sslmode=verify-full&sslrootcert={}", root.display());
+    let verified = PgStore::connect(at(&query), wait).await.unwrap();
+    assert!(verified.get(ACME).await.unwrap().is_none());
+    drop(verified);
+    let err = PgStore::connect(at("sslmode=verify-full"), wait)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("cannot reach the token store database at localhost"),
+        "{err}"
+    );
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    pg.stop();
+}
