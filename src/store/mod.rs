@@ -12,14 +12,15 @@
 //! tokens, whichever the format. The [`TokenStore`] trait (`contract.rs`)
 //! is what the rest of the crate uses.
 
+mod configured;
 mod contract;
-mod counted;
 mod disk;
 mod format;
 mod open;
 mod postgres;
 mod sqlite;
 
+pub(crate) use configured::open_configured;
 pub(crate) use contract::{Generation, Key, Put, PutError, Record, TokenStore};
 pub(crate) use open::open;
 pub(crate) use postgres::{PgOptions, PgStore};
@@ -32,32 +33,6 @@ pub(crate) fn check_url(url: &str) -> Result<(), String> {
 /// `url` with its password replaced by `<redacted>`.
 pub(crate) fn redact_url(url: &str) -> String {
     postgres::redact(url)
-}
-
-/// Opens the store `[store]` names: SQLite at `store.path`, PostgreSQL at
-/// `store.url` / `store.url_file` (started, not waited for: it connects
-/// as soon as it can). Failed operations count in `errors`.
-pub(crate) fn open_configured(
-    config: &crate::config::StoreConfig,
-    errors: crate::metrics::StoreErrors,
-) -> Result<Option<std::sync::Arc<dyn TokenStore>>, StoreError> {
-    if let Some(url) = &config.url {
-        let store = PgStore::start(PgOptions {
-            url: url.clone(),
-            lease: config.lease,
-            poll_interval: config.poll_interval,
-            errors,
-        });
-        tracing::info!(store = %store.location(), "token store: PostgreSQL");
-        return Ok(Some(std::sync::Arc::new(store)));
-    }
-    match &config.path {
-        Some(path) => Ok(Some(std::sync::Arc::new(counted::Counted {
-            inner: open(path)?,
-            errors,
-        }))),
-        None => Ok(None),
-    }
 }
 
 use std::fs::{self, File};

@@ -80,7 +80,7 @@ async fn session(
     let (mut client, mut connection) = tokio::time::timeout(Duration::from_secs(30), connecting)
         .await
         .map_err(|_| unreachable(&"timed out"))?
-        .map_err(|e| unreachable(&super::full(&e)))?;
+        .map_err(|e| unreachable(&super::sql::full(&e)))?;
     // The connection is driven here, in this task: aborting the task (the
     // store dropped) closes it, and the database frees its leases.
     let driver = async {
@@ -91,14 +91,14 @@ async fn session(
                     let _ = notes.try_send(n.payload().to_owned());
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return super::full(&e),
+                Some(Err(e)) => return super::sql::full(&e),
                 None => return "the connection was closed".to_owned(),
             }
         }
     };
     tokio::pin!(driver);
     let setup = async {
-        let sql = |e: tokio_postgres::Error| unreachable(&super::full(&e));
+        let sql = |e: tokio_postgres::Error| unreachable(&super::sql::full(&e));
         client
             .batch_execute(&format!(
                 "SET statement_timeout = {}",
