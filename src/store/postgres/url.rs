@@ -182,6 +182,9 @@ pub(crate) fn redact(text: &str) -> String {
     let Ok(url) = Url::parse(text.trim()) else {
         return crate::config::REDACTED.to_owned();
     };
+    if url.query_pairs().any(|(k, _)| k == "password") {
+        return crate::config::REDACTED.to_owned();
+    }
     if url.password().is_none() {
         return url.to_string();
     }
@@ -252,6 +255,7 @@ mod tests {
             "mysql://u:hunter2@h/d",
             "postgres://u:hunter2@h/d?sslmode=bogus",
             "postgres://u:hunter2@h/d?bogus=1",
+            "postgres://u@h/d?password=hunter2",
             "postgres://u:hunter2@/d",
             "postgres://u:hunter2@h:99999/d",
             "hunter2",
