@@ -53,3 +53,36 @@ async fn a_refresh_token_tenant_rotates_into_postgresql_and_serves() {
     assert!(!proxy.metrics().await.contains("hunter2"));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn the_proxy_starts_without_its_database_and_client_credentials_tenants_serve() {
+    let fake = FakeCriteo::builder()
+        .client(ACME_ID, ACME_SECRET)
+        .start()
+        .await;
+    // Nothing listens there: connecting fails at once, again and again.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let proxy = TestProxy::builder(&fake)
+        .tenant(
+            "acme",
+            &format!(
+                "grant = \"refresh_token\"\nclient_id = \"{ACME_ID}\"\nclient_secret = \"{ACME_SECRET}\"\n\
+                 redirect_uri = \"{{admin}}/oauth/callback\"\n"
+            ),
+        )
+        .section(&format!(
+            "[store]\nurl = \"postgres://proxy:hunter2@127.0.0.1:{port}/criteo?sslmode=disable\""
+        ))
+        .start()
+        .await;
+    assert_eq!(
+        proxy.get("/x").await.status(),
+        200,
+        "the default tenant serves"
+    );
+    let metrics = proxy.metrics().await;
+    assert!(!metrics.contains("hunter2"));
+    proxy.stop().await;
+}
