@@ -22,12 +22,28 @@ pub struct Metrics {
     consent_required: IntCounterVec,
     consent_callbacks: IntCounterVec,
     connections_refused: IntCounterVec,
+    store_errors: IntCounterVec,
 }
 
 /// The statuses whose counters are resolved once per tenant.
 const COMMON: [u16; 14] = [
     200, 201, 204, 400, 401, 403, 404, 409, 429, 500, 502, 503, 504, 206,
 ];
+
+/// `criteo_proxy_store_errors_total{op}`, handed to the token store;
+/// the default counts nothing (`store copy`, tests).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StoreErrors(Option<IntCounterVec>);
+
+impl StoreErrors {
+    /// A failed store operation: `op` is one of get, put, lease, feed,
+    /// connect, migrate.
+    pub(crate) fn inc(&self, op: &'static str) {
+        if let Some(c) = &self.0 {
+            c.with_label_values(&[op]).inc();
+        }
+    }
+}
 
 /// Outcomes of a token request, the `outcome` label.
 #[derive(Debug, Clone, Copy)]
@@ -121,8 +137,17 @@ impl Metrics {
             &["listener", "reason"],
         )
         .expect("valid metric");
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "criteo_proxy_store_errors_total",
+                "Token store operations that failed, by operation (get, put, lease, feed, connect, migrate).",
+            ),
+            &["op"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(consent_required.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(store_errors.clone()),
             Box::new(connections_refused.clone()),
             Box::new(consent_callbacks.clone()),
             Box::new(requests.clone()),
@@ -143,7 +168,13 @@ impl Metrics {
             consent_required,
             consent_callbacks,
             connections_refused,
+            store_errors,
         }
+    }
+
+    /// The counter of failed token store operations, for the store.
+    pub(crate) fn store_errors(&self) -> StoreErrors {
+        StoreErrors(Some(self.store_errors.clone()))
     }
 
     /// A connection was closed at accept.

@@ -29,6 +29,7 @@ pub(crate) use files::MAX_CA_FILE;
 pub(crate) use raw::Grant;
 use raw::RawConfig;
 pub(crate) use secret::{SecretSource, check_admin_token};
+pub(crate) use view::REDACTED;
 
 /// Prefix of the environment variables that override the file.
 pub(crate) const ENV_PREFIX: &str = "CRITEO_PROXY_";
@@ -147,9 +148,18 @@ pub struct RefreshConfig {
     pub lazy: bool,
 }
 
+/// `[store]`: at most one of `path` (embedded) and `url` (shared).
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// `store.path`: the embedded SQLite store.
     pub path: Option<PathBuf>,
+    /// `store.url` / `store.url_file`: the shared PostgreSQL store. A file
+    /// is read again at every connection (a rotated password is picked up).
+    pub url: Option<SecretSource>,
+    /// `store.lease`: how long a refresh lease lasts without renewal.
+    pub lease: Duration,
+    /// `store.poll_interval`: the change feed's polling, behind `NOTIFY`.
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, Clone)]

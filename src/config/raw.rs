@@ -146,10 +146,33 @@ impl Default for RawRefresh {
     }
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawStore {
     pub(super) path: Option<PathBuf>,
+    /// Holds a password: printed with it redacted.
+    #[serde(
+        deserialize_with = "opt_lenient_secret",
+        serialize_with = "redacted_url"
+    )]
+    pub(super) url: Option<SecretString>,
+    pub(super) url_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub(super) lease: Duration,
+    #[serde(with = "humantime_serde")]
+    pub(super) poll_interval: Duration,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            path: None,
+            url: None,
+            url_file: None,
+            lease: Duration::from_secs(15),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -236,6 +259,15 @@ fn opt_lenient_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretSt
 fn redacted<S: Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
     match secret {
         Some(_) => s.serialize_some(super::view::REDACTED),
+        None => s.serialize_none(),
+    }
+}
+
+/// A database URL prints with its password redacted (the rest helps).
+fn redacted_url<S: Serializer>(url: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    use secrecy::ExposeSecret;
+    match url {
+        Some(u) => s.serialize_some(&crate::store::redact_url(u.expose_secret())),
         None => s.serialize_none(),
     }
 }

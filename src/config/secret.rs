@@ -39,6 +39,15 @@ impl SecretSource {
         }
     }
 
+    /// What tells two sources apart (compared, never shown): the inline
+    /// value, or the file's path.
+    pub(crate) fn identity(&self) -> String {
+        match self {
+            SecretSource::Inline(s) => format!("inline:{}", s.expose_secret()),
+            SecretSource::File(p) => format!("file:{}", p.display()),
+        }
+    }
+
     /// [`Self::load`] for async code: a file is read on the blocking pool,
     /// so that a slow disk never stalls the runtime it is called from.
     pub async fn load_async(&self) -> Result<SecretString, String> {

@@ -292,3 +292,97 @@ fn debug_and_redacted_output_never_show_a_secret() {
     let again = Config::from_toml(&shown).unwrap();
     assert_eq!(again.tenants[0].client_id, "id");
 }
+
+const REFRESH_TENANT: &str = r#"
+    [tenants.acme]
+    grant = "refresh_token"
+    client_id = "id"
+    client_secret = "s3cret"
+    redirect_uri = "https://app.example.com/cb"
+"#;
+
+#[test]
+fn the_store_is_a_path_or_a_url_never_both() {
+    Jail::expect_with(|jail| {
+        jail.create_file("store_url", "postgres://proxy:hunter2@db:5432/criteo\n")?;
+        let url = "url = \"postgres://proxy:hunter2@db:5432/criteo?sslmode=verify-full\"";
+        let c = Config::from_toml(&format!("[store]\n{url}\n{REFRESH_TENANT}")).unwrap();
+        assert!(c.store.url.is_some() && c.store.path.is_none());
+        assert_eq!(c.store.lease, Duration::from_secs(15));
+        assert_eq!(c.store.poll_interval, Duration::from_secs(1));
+        let c = Config::from_toml(&format!(
+            "[store]\nurl_file = \"store_url\"\n{REFRESH_TENANT}"
+        ))
+        .unwrap();
+        assert!(matches!(c.store.url, Some(SecretSource::File(_))));
+
+        let two = format!("[store]\npath = \"tokens.db\"\n{url}\n{REFRESH_TENANT}");
+        let err = Config::from_toml(&two).unwrap_err().to_string();
+        assert!(
+            err.contains("store.path") && err.contains("store.url"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let two = format!("[store]\nurl_file = \"store_url\"\n{url}\n{REFRESH_TENANT}");
+        let err = Config::from_toml(&two).unwrap_err().to_string();
+        assert!(err.contains("store.url_file"), "{err}");
+
+        let none = Config::from_toml(REFRESH_TENANT).unwrap_err().to_string();
+        assert!(none.contains("store.url"), "{none}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_malformed_store_url_is_named_without_its_password() {
+    Jail::expect_with(|jail| {
+        jail.create_file("store_url", "mysql://proxy:hunter2@db/criteo")?;
+        for store in [
+            "url = \"postgres://proxy:hunter2@db/criteo?sslmode=sometimes\"",
+            "url = \"postgres://proxy:hunter2@db:99999/criteo\"",
+            "url_file = \"store_url\"",
+        ] {
+            let err = Config::from_toml(&format!("[store]\n{store}\n{REFRESH_TENANT}"))
+                .unwrap_err()
+                .to_string();
+            let key = store.split(' ').next().unwrap();
+            assert!(err.contains(&format!("store.{key}:")), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn store_lease_and_poll_interval_are_bounded() {
+    let err = Config::from_toml(&format!(
+        "[store]\npath = \"x.db\"\nlease = \"500ms\"\npoll_interval = \"2m\"\n{MINIMAL}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("store.lease: 500ms must be between 1s and 10m"),
+        "{err}"
+    );
+    assert!(
+        err.contains("store.poll_interval: 2m must be between"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_shows_the_store_url_with_its_password_redacted() {
+    let c = Config::from_toml(&format!(
+        "[store]\nurl = \"postgres://proxy:hunter2@db:5432/criteo?sslmode=require\"\n{REFRESH_TENANT}"
+    ))
+    .unwrap();
+    let text = c.redacted_toml().unwrap();
+    assert!(
+        text.contains("url = \"postgres://proxy:<redacted>@db:5432/criteo?sslmode=require\""),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(!format!("{c:?}").contains("hunter2"));
+    // Valid input again.
+    Config::from_toml(&text).unwrap();
+}

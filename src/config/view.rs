@@ -18,7 +18,7 @@ use super::raw::{RawConfig, RawConsent, RawRefresh, RawServer, RawStore, RawTena
 use super::{Config, SecretSource};
 
 /// What a secret prints as.
-pub(super) const REDACTED: &str = "<redacted>";
+pub(crate) const REDACTED: &str = "<redacted>";
 
 pub(super) fn redacted_toml(config: &Config) -> Result<String, String> {
     toml_text(&raw(config))
@@ -78,8 +78,20 @@ fn raw(c: &Config) -> RawConfig {
             rejected_backoff: r.rejected_backoff,
             lazy: r.lazy,
         },
-        store: RawStore {
-            path: c.store.path.clone(),
+        store: {
+            let (url, url_file) = match &c.store.url {
+                None => (None, None),
+                // Shown with its password redacted by `RawStore`'s serializer.
+                Some(SecretSource::Inline(u)) => (Some(u.clone()), None),
+                Some(SecretSource::File(p)) => (None, Some(p.clone())),
+            };
+            RawStore {
+                path: c.store.path.clone(),
+                url,
+                url_file,
+                lease: c.store.lease,
+                poll_interval: c.store.poll_interval,
+            }
         },
         consent: c.consent.as_ref().map(|k| {
             let (signing_secret, signing_secret_file) = split(Some(&k.signing_secret));
@@ -298,7 +310,13 @@ mod tests {
         let headers: Vec<&str> = text.lines().filter(|l| l.starts_with('[')).collect();
         assert_eq!(
             headers,
-            ["[server]", "[upstream]", "[refresh]", "[tenants.main]"],
+            [
+                "[server]",
+                "[upstream]",
+                "[refresh]",
+                "[store]",
+                "[tenants.main]"
+            ],
             "{text}"
         );
         assert!(text.starts_with("[server]\nlisten = "), "{text}");

@@ -129,9 +129,9 @@ impl App {
             .tenants
             .iter()
             .any(|t| t.grant == Grant::RefreshToken);
-        let store: Option<Arc<dyn TokenStore>> = match &config.store.path {
-            Some(path) if needs_store => Some(crate::store::open(path)?),
-            _ => None,
+        let store: Option<Arc<dyn TokenStore>> = match needs_store {
+            true => crate::store::open_configured(&config.store, metrics.store_errors())?,
+            false => None,
         };
         let refreshers = Refreshers::new(config.refresh.clone(), endpoint, store, metrics.clone());
         let proxy = Proxy::new(&config, Arc::clone(&tenants), upstream, metrics.clone());

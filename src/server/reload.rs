@@ -130,12 +130,11 @@ impl Reloader {
             .iter()
             .any(|t| t.grant == crate::config::Grant::RefreshToken);
         if needs_store && refreshers.store.is_none() {
-            let Some(path) = &config.store.path else {
-                return; // validation requires it
-            };
-            let path = path.clone();
-            match tokio::task::spawn_blocking(move || crate::store::open(&path)).await {
-                Ok(Ok(s)) => refreshers.store = Some(s),
+            let (store, errors) = (config.store.clone(), self.metrics.store_errors());
+            match tokio::task::spawn_blocking(move || crate::store::open_configured(&store, errors))
+                .await
+            {
+                Ok(Ok(s)) => refreshers.store = s,
                 Ok(Err(e)) => {
                     tracing::error!(trigger, error = %e, "configuration reload rejected");
                     return;
@@ -214,6 +213,16 @@ impl Reloader {
                 a.upstream.token_url != b.upstream.token_url,
             ),
             ("store.path", a.store.path != b.store.path),
+            (
+                "store.url",
+                a.store.url.as_ref().map(SecretSource::identity)
+                    != b.store.url.as_ref().map(SecretSource::identity),
+            ),
+            ("store.lease", a.store.lease != b.store.lease),
+            (
+                "store.poll_interval",
+                a.store.poll_interval != b.store.poll_interval,
+            ),
         ]
         .into_iter()
         .filter_map(|(key, differs)| differs.then_some(key))

@@ -15,11 +15,16 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
 use super::snapshot::Snapshot;
-use super::{Generation, Key, Put, PutError, StoreError, TokenStore, disk, sqlite};
+use super::{
+    Generation, Key, PgOptions, PgStore, Put, PutError, StoreError, TokenStore, disk, sqlite,
+};
+use crate::config::SecretSource;
+use crate::metrics::StoreErrors;
 
 /// Where a store is, as given to `--from` or `--to`.
 pub(crate) enum StoreSpec {
@@ -168,9 +173,16 @@ pub(crate) async fn open_source(spec: &StoreSpec) -> Result<Arc<dyn TokenStore>,
     let opened = match spec {
         StoreSpec::Json(path) => Snapshot::json(path),
         StoreSpec::Sqlite(path) => Snapshot::sqlite(path),
-        // The lead fills this arm: refuse while `pg_stat_activity` shows a
-        // session with application_name = 'criteo-token-proxy'.
-        StoreSpec::Postgres(_) => return Err(postgres_not_built(Side::Source, &location)),
+        StoreSpec::Postgres(url) => {
+            let store = connect(url, Side::Source, &location).await?;
+            // No lock spans replicas: a proxy's session on the database
+            // is what says one is running.
+            match store.running_proxies().await {
+                Ok(0) => return Ok(Arc::new(store)),
+                Ok(_) => return Err(CopyError::SourceInUse { path: location }),
+                Err(e) => return Err(CopyError::store(Side::Source, &location, e)),
+            }
+        }
     };
     match opened {
         Ok(store) => Ok(Arc::new(store)),
@@ -196,17 +208,22 @@ pub(crate) async fn open_destination(spec: &StoreSpec) -> Result<Arc<dyn TokenSt
         StoreSpec::Json(_) => Err(CopyError::Usage(format!(
             "--to {location}: a JSON token store is never written by this release"
         ))),
-        // The lead fills this arm.
-        StoreSpec::Postgres(_) => Err(postgres_not_built(Side::Destination, &location)),
+        StoreSpec::Postgres(url) => Ok(Arc::new(connect(url, Side::Destination, &location).await?)),
     }
 }
 
-fn postgres_not_built(side: Side, location: &str) -> CopyError {
-    CopyError::store(
-        side,
-        location,
-        "PostgreSQL support is not built yet in this release",
-    )
+/// The shared store at `url`, once connected with its schema in place (at
+/// most 10 s).
+async fn connect(url: &SecretString, side: Side, location: &str) -> Result<PgStore, CopyError> {
+    let options = PgOptions {
+        url: SecretSource::Inline(url.clone()),
+        lease: Duration::from_secs(15),
+        poll_interval: Duration::from_secs(1),
+        errors: StoreErrors::default(),
+    };
+    PgStore::connect(options, Duration::from_secs(10))
+        .await
+        .map_err(|e| CopyError::store(side, location, e))
 }
 
 /// What to copy, and how.

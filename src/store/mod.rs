@@ -14,16 +14,30 @@
 
 #[doc(hidden)]
 pub(crate) mod bench;
+mod configured;
 mod contract;
 pub(crate) mod copy;
 mod disk;
 mod format;
 mod open;
+mod postgres;
 mod snapshot;
 mod sqlite;
 
+pub(crate) use configured::open_configured;
 pub(crate) use contract::{Access, Generation, Key, Put, PutError, Record, TokenStore};
 pub(crate) use open::open;
+pub(crate) use postgres::{PgOptions, PgStore};
+
+/// Whether `url` is a usable `store.url` (the error never quotes it).
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    postgres::parse_url(url).map(|_| ())
+}
+
+/// `url` with its password replaced by `<redacted>`.
+pub(crate) fn redact_url(url: &str) -> String {
+    postgres::redact(url)
+}
 
 use std::fs::{self, File};
 use std::io;

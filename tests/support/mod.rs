@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part
 
 pub mod fake_criteo;
+pub mod postgres;
 pub mod process;
 pub mod raw;
 pub mod stored;

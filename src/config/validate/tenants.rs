@@ -2,10 +2,14 @@
 
 use std::collections::BTreeMap;
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use crate::config::raw::{Grant, RawStore, RawTenant};
-use crate::config::secret::secret_pair;
+use crate::config::secret::{SecretSource, secret_pair};
 use crate::config::{StoreConfig, TenantConfig};
 
 /// `[tenants.NAME]`: the tenants whose client secret can be read.
@@ -95,8 +99,9 @@ pub(super) fn tenants(
     tenants
 }
 
-/// `[store]`: required by refresh-token tenants, whose rotated refresh
-/// tokens must survive restarts.
+/// `[store]`: one of `path`, `url`, `url_file`; required by
+/// refresh-token tenants, whose rotated refresh tokens must survive
+/// restarts.
 pub(super) fn store(
     raw: RawStore,
     tenants: &[TenantConfig],
@@ -107,24 +112,98 @@ pub(super) fn store(
         .filter(|t| t.grant == Grant::RefreshToken)
         .map(|t| &*t.name)
         .collect();
-    if !refresh_tenants.is_empty() {
-        match &raw.path {
-            None => bad(
-                "store.path",
-                format!(
-                    "is required: tenant(s) {} use grant = \"refresh_token\", whose rotated refresh tokens must survive restarts",
-                    refresh_tenants.join(", ")
-                ),
+    let set: Vec<&str> = [
+        ("store.path", raw.path.is_some()),
+        ("store.url", raw.url.is_some()),
+        ("store.url_file", raw.url_file.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(key, set)| set.then_some(key))
+    .collect();
+    let mut url = None;
+    match set.as_slice() {
+        [] if !refresh_tenants.is_empty() => bad(
+            "store.path",
+            format!(
+                "is required: tenant(s) {} use grant = \"refresh_token\", whose rotated refresh tokens must survive restarts; set store.path (a SQLite file, one replica) or store.url / store.url_file (PostgreSQL, shared by replicas)",
+                refresh_tenants.join(", ")
             ),
-            // Its folder (a symbolic link's target's) must exist and
-            // not be writable by every user.
-            Some(p) => {
-                if let Err(msg) = crate::store::check_location(p) {
-                    bad("store.path", msg);
-                }
-            }
+        ),
+        [] => {}
+        [_] => url = store_url(raw.url, raw.url_file, bad),
+        [first, rest @ ..] => bad(
+            first,
+            format!(
+                "set only one of store.path, store.url, store.url_file (found {first} and {})",
+                rest.join(" and ")
+            ),
+        ),
+    }
+    // Its folder (a symbolic link's target's) must exist and not be
+    // writable by every user.
+    if let (Some(p), [_]) = (&raw.path, set.as_slice())
+        && !refresh_tenants.is_empty()
+        && let Err(msg) = crate::store::check_location(p)
+    {
+        bad("store.path", msg);
+    }
+    for (key, d, range) in [
+        (
+            "store.lease",
+            raw.lease,
+            Duration::from_secs(1)..=Duration::from_secs(600),
+        ),
+        (
+            "store.poll_interval",
+            raw.poll_interval,
+            Duration::from_millis(100)..=Duration::from_secs(60),
+        ),
+    ] {
+        if !range.contains(&d) {
+            bad(
+                key,
+                format!(
+                    "{} must be between {} and {}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(*range.start()),
+                    humantime::format_duration(*range.end())
+                ),
+            );
         }
     }
 
-    StoreConfig { path: raw.path }
+    StoreConfig {
+        path: raw.path,
+        url,
+        lease: raw.lease,
+        poll_interval: raw.poll_interval,
+    }
+}
+
+/// `store.url` or `store.url_file` (only one is set), read now and parsed:
+/// an error names the key and never quotes the URL (it holds a password).
+fn store_url(
+    inline: Option<SecretString>,
+    file: Option<PathBuf>,
+    bad: &mut impl FnMut(&str, String),
+) -> Option<SecretSource> {
+    if inline.is_none() && file.is_none() {
+        return None;
+    }
+    let key = if inline.is_some() {
+        "store.url"
+    } else {
+        "store.url_file"
+    };
+    let src = secret_pair("store.url", inline, file, bad)?;
+    match src
+        .load()
+        .map(|u| crate::store::check_url(u.expose_secret()))
+    {
+        Ok(Ok(())) => Some(src),
+        Ok(Err(e)) | Err(e) => {
+            bad(key, e);
+            None
+        }
+    }
 }
