@@ -355,3 +355,64 @@ async fn unusable_arguments_exit_64_and_an_invalid_config_78_with_a_message_nami
 fn stored_token(db: &Path) -> String {
     support::stored::stored_token(db, "acme")
 }
+
+/// The same tenant on the shared store at `url`.
+fn acme_shared(fake: &FakeCriteo, url: &str) -> ProxyBuilder {
+    TestProxy::builder(fake)
+        .without_main()
+        .server("default_tenant = \"acme\"")
+        .tenant(
+            "acme",
+            &format!(
+                "grant = \"refresh_token\"\nclient_id = \"{ACME_ID}\"\nclient_secret = \"{ACME_SECRET}\"\n\
+                 redirect_uri = \"{{admin}}/oauth/callback\"\n"
+            ),
+        )
+        .section(&format!("[store]\nurl = \"{url}\""))
+}
+
+#[tokio::test]
+async fn from_one_replica_to_many_and_back_through_postgresql() {
+    let Some(db) = support::postgres::Postgres::start() else {
+        return;
+    };
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, back) = (dir.path().join("tokens.db"), dir.path().join("back.db"));
+    let seed = fake.issue_refresh_token(ACME_ID);
+    let proxy = acme(&fake, &src, Some(&seed)).start().await;
+    proxy.wait_ready().await;
+    proxy.stop().await;
+    let copied = stored_token(&src);
+
+    // One replica's SQLite store into the shared one.
+    let url = db.url();
+    let out = copy(&["--from", src.to_str().unwrap(), "--to", &url]).await;
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("acme"), "{stdout}");
+    assert!(!stdout.contains(&copied) && !stderr.contains(&copied));
+
+    // A replica on the shared store serves the copied token, no consent asked.
+    let replica = acme_shared(&fake, &url).start().await;
+    replica.wait_ready().await;
+    assert_eq!(replica.get("/x").await.status(), 200);
+
+    // While a proxy uses the database, it is not copied from.
+    let out = copy(&["--from", &url, "--to", back.to_str().unwrap()]).await;
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("stop the proxy first"), "{stderr}");
+    assert!(!back.exists(), "nothing was written");
+    replica.stop().await;
+
+    // And back to one replica.
+    let out = copy(&["--from", &url, "--to", back.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    assert_eq!(
+        Some(stored_token(&back)),
+        fake.newest_refresh_token(ACME_ID)
+    );
+    assert_eq!(fake.refresh_presented(), vec![seed, copied]);
+    assert_eq!(fake.spent_presented(), 0);
+}
