@@ -118,3 +118,56 @@ start_upstream() {
   "$NGINX" -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' 2>"$work/up/stderr" &
   UP_PID=$!; pids+=("$UP_PID")
 }
+
+# start_postgres: a throwaway PostgreSQL cluster in $work (Debian's
+# package, installed if missing; run as the `postgres` user when this
+# script runs as root, which initdb refuses), listening on 127.0.0.1:$PG.
+# Sets $PG_URL.
+start_postgres() {
+  local bin
+  bin=$(dirname "$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | tail -1)")
+  if [ ! -x "$bin/initdb" ]; then
+    echo "installing postgresql from Debian's packages" >&2
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+    bin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb | tail -1)")
+  fi
+  local as=()
+  if [ "$(id -u)" -eq 0 ]; then
+    id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+    as=(runuser -u postgres --)
+  fi
+  PG=$(free_port)
+  mkdir -p "$work/pg"
+  [ "$(id -u)" -eq 0 ] && chown postgres "$work/pg" && chmod 755 "$work"
+  "${as[@]}" "$bin/initdb" -D "$work/pg/data" -A trust -U criteo --no-sync >/dev/null
+  "${as[@]}" "$bin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w \
+    -o "-k $work/pg -h 127.0.0.1 -p $PG -F" start >/dev/null
+  pids+=("$(head -1 "$work/pg/data/postmaster.pid")")
+  PG_URL="postgres://criteo@127.0.0.1:$PG/postgres?sslmode=disable"
+}
+
+# criteo-token-proxy whose default tenant is a refresh-token tenant kept in
+# PostgreSQL (start_postgres first): the request path must cost what it
+# costs for a client-credentials tenant, the database being touched only by
+# the refresher.
+write_proxy_conf_shared() {
+  cat > "$work/proxy.toml" <<EOC
+[server]
+listen = "127.0.0.1:$CTP"
+admin_listen = "127.0.0.1:$ADM"
+default_tenant = "main"
+[upstream]
+url = "http://127.0.0.1:$UP"
+token_url = "http://127.0.0.1:$UP/oauth2/token"
+[store]
+url = "$PG_URL"
+[tenants.main]
+grant = "refresh_token"
+client_id = "bench"
+client_secret = "bench"
+redirect_uri = "http://127.0.0.1:$ADM/oauth/callback"
+refresh_token = "bench-seed"
+EOC
+}

@@ -6,6 +6,9 @@
 #
 #   benches/instructions.sh            # criteo-token-proxy, then nginx for reference
 #   DURATION=30s benches/instructions.sh
+#   STORE=postgres benches/instructions.sh   # also a refresh-token tenant kept
+#                                            # in PostgreSQL (the request path
+#                                            # must not touch the database)
 #
 # The same upstream as compare-nginx.sh (nginx: a static token and static JSON);
 # the proxy and nginx (one worker, adding a static Authorization header) each
@@ -48,4 +51,9 @@ count() { # label port command...
 
 echo "user-space instructions per request (callgrind), wrk -t1 -c16 -d$DURATION"
 RUST_LOG=warn count criteo-token-proxy "$CTP" "$PROXY_BIN" --config "$work/proxy.toml"
+if [ "${STORE:-}" = postgres ]; then
+  start_postgres
+  CTP=$(free_port); ADM=$(free_port); write_proxy_conf_shared
+  RUST_LOG=error count ctp-refresh-token-pg "$CTP" "$PROXY_BIN" --config "$work/proxy.toml"
+fi
 count nginx "$NGX" "$NGINX" -p "$work/ngx" -c "$work/ngx/nginx.conf" -g 'daemon off;'

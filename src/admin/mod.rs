@@ -7,7 +7,7 @@ mod exchanges;
 pub(crate) mod onboarding;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,8 +41,10 @@ pub(crate) struct Admin {
     /// Bound on reading a callback's body (`server.body_read_timeout`).
     body_read_timeout: Duration,
     /// The token store (its problems are shown) and the refresh-token
-    /// grants (whether this replica is the one refreshing).
-    store: Option<Arc<dyn TokenStore>>,
+    /// grants (whether this replica is the one refreshing). Not kept
+    /// alive from here: an admin connection outliving the server must not
+    /// keep the store (and its lock file) open.
+    store: Option<Weak<dyn TokenStore>>,
     grants: Grants,
 }
 
@@ -70,7 +72,7 @@ impl Admin {
     /// Shows the store's problems in `/readyz` and `/tenants`, and which
     /// replica refreshes each tenant of a shared store.
     pub(crate) fn with_store(mut self, store: Option<Arc<dyn TokenStore>>, grants: Grants) -> Self {
-        self.store = store;
+        self.store = store.as_ref().map(Arc::downgrade);
         self.grants = grants;
         self
     }
@@ -78,6 +80,9 @@ impl Admin {
     /// `{"ok": …, "location": …, "error": …}`, or null without a store.
     fn store_status(&self) -> Value {
         self.store.as_ref().map_or(Value::Null, |store| {
+            let Some(store) = store.upgrade() else {
+                return Value::Null;
+            };
             let problem = store.problem();
             json!({
                 "shared": store.shared(),
