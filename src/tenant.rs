@@ -222,3 +222,35 @@ impl Tenants {
         self.ordered.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(limit: &str) -> Config {
+        Config::from_toml(&format!(
+            "[rate_limit]\nclient_credentials = \"{limit}\"\n[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nclient_secret = \"s\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reload_that_changes_only_the_limit_keeps_the_token_and_repaces() {
+        let metrics = Metrics::new(prometheus::Registry::new());
+        let before = Tenants::new(&config("10/min"), &metrics);
+        let (after, changes) = Tenants::rebuild(&config("20/min"), &metrics, Some(&before));
+        let (old, new) = (before.get("main").unwrap(), after.get("main").unwrap());
+        assert!(
+            Arc::ptr_eq(&old.tokens, &new.tokens),
+            "the token cell is kept"
+        );
+        assert!(changes.start.is_empty() && changes.stop.is_empty());
+        let limit = |t: &Tenant| t.limits().and_then(|l| l.overall).map(|r| r.to_string());
+        assert_eq!(limit(new).as_deref(), Some("20/min"));
+        let (again, _) = Tenants::rebuild(&config("20/min"), &metrics, Some(&after));
+        assert!(
+            Arc::ptr_eq(new, again.get("main").unwrap()),
+            "unchanged: kept whole"
+        );
+    }
+}
