@@ -53,7 +53,9 @@ async fn upstream() -> String {
 async fn proxy(upstream: &str) -> String {
     let config = Config::from_toml(&format!(
         "[server]\ndefault_tenant = \"main\"\n[upstream]\nurl = \"{upstream}\"\ntoken_url = \"{upstream}/oauth2/token\"\n\
-         [tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nclient_secret = \"secret\"\n"
+         [tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nclient_secret = \"secret\"\n\
+         [tenants.paced]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nclient_secret = \"secret\"\n\
+         rate_limit = \"1000000/sec\"\n"
     ))
     .unwrap();
     let listeners = Listeners {
@@ -78,7 +80,20 @@ async fn proxy(upstream: &str) -> String {
 }
 
 async fn get(client: &Client<HttpConnector, Empty<Bytes>>, uri: &Uri) {
-    let resp = client.get(uri.clone()).await.unwrap();
+    get_as(client, uri, None).await;
+}
+
+/// With `tenant`: the `paced` tenant has a limit far from reached, so its
+/// requests take the lock-free reservation and never wait.
+async fn get_as(client: &Client<HttpConnector, Empty<Bytes>>, uri: &Uri, tenant: Option<&str>) {
+    let mut req = hyper::Request::get(uri.clone());
+    if let Some(t) = tenant {
+        req = req.header("X-Criteo-Tenant", t);
+    }
+    let resp = client
+        .request(req.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
     assert!(resp.status().is_success());
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body.len(), ANSWER.len());
@@ -109,6 +124,10 @@ fn request_path(c: &mut Criterion) {
     });
     group.bench_function("through_proxy", |b| {
         b.to_async(&rt).iter(|| get(&client, &proxied));
+    });
+    group.bench_function("through_proxy_rate_limited_under_budget", |b| {
+        b.to_async(&rt)
+            .iter(|| get_as(&client, &proxied, Some("paced")));
     });
     group.finish();
 }

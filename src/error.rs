@@ -60,6 +60,17 @@ pub(crate) enum ProxyError {
     /// holds the tokens, and a refusal there must not pass for the API's).
     #[error("{0}")]
     NotForwarded(String),
+    /// The tenant's rate-limit queue would make the request wait longer
+    /// than `rate_limit.max_wait`; nothing was forwarded.
+    #[error(
+        "this tenant's rate limit ({limit}) would make this request wait longer than rate_limit.max_wait ({}); nothing was forwarded",
+        humantime::format_duration(*max_wait)
+    )]
+    RateLimited {
+        limit: String,
+        max_wait: Duration,
+        retry_after: Duration,
+    },
     /// The client stopped sending its request body.
     #[error("the request body sent nothing for {0:?} (server.body_read_timeout)")]
     BodyTimeout(Duration),
@@ -78,6 +89,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NotForwarded(_) => StatusCode::NOT_FOUND,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -94,6 +106,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::NotForwarded(_) => "not_forwarded",
             ProxyError::BodyTimeout(_) => "body_timeout",
+            ProxyError::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -102,6 +115,7 @@ impl ProxyError {
         match self {
             ProxyError::TokenUnavailable { retry_after, .. } => Some(*retry_after),
             ProxyError::UpstreamBusy(_) => Some(Duration::from_secs(1)),
+            ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -117,7 +131,10 @@ impl ProxyError {
         let headers = resp.headers_mut();
         headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.code()));
         if let Some(after) = self.retry_after() {
-            let secs = after.as_secs().clamp(1, MAX_RETRY_AFTER.as_secs());
+            // Rounded up: a client that waits as told finds a turn.
+            let secs = after.as_nanos().div_ceil(1_000_000_000);
+            let secs = u64::try_from(secs).unwrap_or(u64::MAX);
+            let secs = secs.clamp(1, MAX_RETRY_AFTER.as_secs());
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         if let ProxyError::MethodNotAllowed { allow, .. } = self {
@@ -183,6 +200,7 @@ mod tests {
         assert_eq!(header(Duration::from_secs(299)), "30");
         assert_eq!(header(Duration::from_millis(200)), "1");
         assert_eq!(header(Duration::from_secs(7)), "7");
+        assert_eq!(header(Duration::from_millis(7_200)), "8", "rounded up");
         let busy = ProxyError::UpstreamBusy(Duration::from_secs(5)).to_response(None);
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(busy.headers()[RETRY_AFTER], "1");

@@ -20,6 +20,7 @@ pub(crate) mod error;
 pub(crate) mod http;
 pub(crate) mod metrics;
 pub(crate) mod oauth;
+pub(crate) mod pacing;
 pub(crate) mod proxy;
 pub(crate) mod server;
 pub(crate) mod store;

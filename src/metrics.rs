@@ -23,6 +23,8 @@ pub struct Metrics {
     consent_callbacks: IntCounterVec,
     connections_refused: IntCounterVec,
     store_errors: IntCounterVec,
+    rate_limited: IntCounterVec,
+    rate_limit_wait: HistogramVec,
 }
 
 /// The statuses whose counters are resolved once per tenant.
@@ -145,8 +147,27 @@ impl Metrics {
             &["op"],
         )
         .expect("valid metric");
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "criteo_proxy_rate_limited_total",
+                "Requests refused for a rate limit, by tenant and by whom: proxy (its queue was too long, nothing forwarded) or criteo (Criteo answered 429).",
+            ),
+            &["tenant", "by"],
+        )
+        .expect("valid metric");
+        let rate_limit_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "criteo_proxy_rate_limit_wait_seconds",
+                "Time a request waited for its turn under its tenant's rate limit (requests that waited).",
+            )
+            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0]),
+            &["tenant"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(consent_required.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rate_limited.clone()),
+            Box::new(rate_limit_wait.clone()),
             Box::new(store_errors.clone()),
             Box::new(connections_refused.clone()),
             Box::new(consent_callbacks.clone()),
@@ -169,6 +190,8 @@ impl Metrics {
             consent_callbacks,
             connections_refused,
             store_errors,
+            rate_limited,
+            rate_limit_wait,
         }
     }
 
@@ -204,6 +227,8 @@ impl Metrics {
             duration: OnceLock::new(),
             retries: OnceLock::new(),
             expiry: OnceLock::new(),
+            rate_limited: OnceLock::new(),
+            rate_limit_wait: OnceLock::new(),
         }
     }
 
@@ -234,6 +259,8 @@ impl Metrics {
         forget_in(&self.consent_required, tenant);
         forget_in(&self.duration, tenant);
         forget_in(&self.expiry, tenant);
+        forget_in(&self.rate_limited, tenant);
+        forget_in(&self.rate_limit_wait, tenant);
     }
 
     /// Prometheus text exposition.
@@ -272,6 +299,8 @@ pub struct TenantMetrics {
     duration: OnceLock<Histogram>,
     retries: OnceLock<IntCounter>,
     expiry: OnceLock<prometheus::Gauge>,
+    rate_limited: OnceLock<IntCounter>,
+    rate_limit_wait: OnceLock<Histogram>,
 }
 
 /// What a refresher counts.
@@ -324,6 +353,33 @@ impl TenantMetrics {
         self.retries
             .get_or_init(|| self.vecs.retries.with_label_values(&[&self.name]))
             .inc();
+    }
+
+    /// A request answered 429 `rate_limited` by the proxy itself.
+    pub(crate) fn rate_limited_by_proxy(&self) {
+        self.rate_limited
+            .get_or_init(|| {
+                self.vecs
+                    .rate_limited
+                    .with_label_values(&[&self.name, "proxy"])
+            })
+            .inc();
+    }
+
+    /// A 429 from Criteo to a tenant with a limit (rare: no handle kept).
+    #[allow(dead_code)] // For learning from Criteo's 429s.
+    pub(crate) fn rate_limited_by_criteo(&self) {
+        self.vecs
+            .rate_limited
+            .with_label_values(&[&self.name, "criteo"])
+            .inc();
+    }
+
+    /// A request waited this long for its turn.
+    pub(crate) fn rate_limit_wait(&self, seconds: f64) {
+        self.rate_limit_wait
+            .get_or_init(|| self.vecs.rate_limit_wait.with_label_values(&[&self.name]))
+            .observe(seconds);
     }
 
     /// Sets the gauge; a tenant that never had a token gets no series.

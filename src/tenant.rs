@@ -5,13 +5,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Grant, SecretSource, TenantConfig};
 use crate::metrics::{Metrics, TenantMetrics};
+use crate::pacing::{Limits, Pacing};
 use crate::token::TokenCell;
 
 #[derive(Debug)]
@@ -23,6 +24,9 @@ pub struct Tenant {
     pub metrics: TenantMetrics,
     /// Set once the first upstream 403 has been logged.
     pub warned_forbidden: AtomicBool,
+    /// The tenant's rate limits; `None` (one null check on the request
+    /// path) when it has none.
+    pub(crate) pacing: Option<Box<Pacing>>,
     /// What the tenant was built from; a reload keeps the tenant only if
     /// this is unchanged. Secrets enter it hashed.
     fingerprint: String,
@@ -74,16 +78,42 @@ fn fingerprint(t: &TenantConfig) -> String {
 }
 
 impl Tenant {
-    fn new(t: &TenantConfig, lazy: bool, metrics: &Metrics) -> Self {
+    fn new(t: &TenantConfig, lazy: bool, metrics: &Metrics, limits: Limits) -> Self {
         Tenant {
             name: t.name.as_str().into(),
             grant: t.grant,
             tokens: Arc::new(TokenCell::new(lazy)),
             metrics: metrics.tenant(&t.name),
             warned_forbidden: AtomicBool::new(false),
+            pacing: Pacing::new(limits).map(Box::new),
             fingerprint: fingerprint(t),
         }
     }
+
+    /// The same tenant (its token cell, which its refresher keeps
+    /// filling) paced by other limits: a reload that changes only limits
+    /// keeps the token. Requests already waiting keep their turns in the
+    /// old budget.
+    fn repaced(&self, metrics: &Metrics, limits: Limits) -> Self {
+        Tenant {
+            name: Arc::clone(&self.name),
+            grant: self.grant,
+            tokens: Arc::clone(&self.tokens),
+            metrics: metrics.tenant(&self.name),
+            warned_forbidden: AtomicBool::new(self.warned_forbidden.load(Ordering::Relaxed)),
+            pacing: Pacing::new(limits).map(Box::new),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+
+    fn limits(&self) -> Option<&Limits> {
+        self.pacing.as_deref().map(Pacing::limits)
+    }
+}
+
+/// The limits that pace nothing are no pacer at all.
+fn paced(limits: &Limits) -> Option<&Limits> {
+    (limits.overall.is_some() || limits.reporting.is_some()).then_some(limits)
 }
 
 impl Tenants {
@@ -104,10 +134,12 @@ impl Tenants {
             let kept = previous
                 .and_then(|p| p.by_name.get(t.name.as_str()))
                 .filter(|old| old.fingerprint == fingerprint(t));
+            let limits = config.limits(t);
             match kept {
-                Some(old) => ordered.push(Arc::clone(old)),
+                Some(old) if old.limits() == paced(&limits) => ordered.push(Arc::clone(old)),
+                Some(old) => ordered.push(Arc::new(old.repaced(metrics, limits))),
                 None => {
-                    let tenant = Arc::new(Tenant::new(t, config.refresh.lazy, metrics));
+                    let tenant = Arc::new(Tenant::new(t, config.refresh.lazy, metrics, limits));
                     if previous.is_some_and(|p| p.by_name.contains_key(t.name.as_str())) {
                         changes.stop.push(Arc::clone(&tenant.name));
                     }
@@ -188,5 +220,37 @@ impl Tenants {
 
     pub(crate) fn len(&self) -> usize {
         self.ordered.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(limit: &str) -> Config {
+        Config::from_toml(&format!(
+            "[rate_limit]\nclient_credentials = \"{limit}\"\n[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"id\"\nclient_secret = \"s\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reload_that_changes_only_the_limit_keeps_the_token_and_repaces() {
+        let metrics = Metrics::new(prometheus::Registry::new());
+        let before = Tenants::new(&config("10/min"), &metrics);
+        let (after, changes) = Tenants::rebuild(&config("20/min"), &metrics, Some(&before));
+        let (old, new) = (before.get("main").unwrap(), after.get("main").unwrap());
+        assert!(
+            Arc::ptr_eq(&old.tokens, &new.tokens),
+            "the token cell is kept"
+        );
+        assert!(changes.start.is_empty() && changes.stop.is_empty());
+        let limit = |t: &Tenant| t.limits().and_then(|l| l.overall).map(|r| r.to_string());
+        assert_eq!(limit(new).as_deref(), Some("20/min"));
+        let (again, _) = Tenants::rebuild(&config("20/min"), &metrics, Some(&after));
+        assert!(
+            Arc::ptr_eq(new, again.get("main").unwrap()),
+            "unchanged: kept whole"
+        );
     }
 }

@@ -264,6 +264,15 @@ fn describe(t: &Tenant) -> Value {
         "last_refresh": h.last_refresh.map(rfc3339),
         "last_error": h.last_error,
         "retry_in_seconds": h.retry_at.map(|r| r.saturating_duration_since(now).as_secs()),
+        "rate_limit": t.pacing.as_deref().map(|p| {
+            let l = p.limits();
+            json!({
+                "limit": l.overall.map(|r| r.to_string()),
+                "reporting": l.reporting.as_ref().map(|(r, _)| r.to_string()),
+                "max_wait_seconds": l.max_wait.as_secs_f64(),
+                "waiting": p.waiting(),
+            })
+        }),
     })
 }
 

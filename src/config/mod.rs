@@ -15,6 +15,8 @@ use http::HeaderName;
 use ipnet::IpNet;
 use url::Url;
 
+use crate::pacing::{Globs, Limits, Rate};
+
 pub(crate) mod files;
 #[cfg(test)]
 mod fuzz;
@@ -43,8 +45,52 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub refresh: RefreshConfig,
     pub store: StoreConfig,
+    pub rate_limit: RateLimitConfig,
     pub consent: Option<ConsentConfig>,
     pub tenants: Vec<TenantConfig>,
+}
+
+/// `[rate_limit]`: the limits a tenant gets unless it sets its own.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// A request whose turn is further away is answered 429 at once.
+    pub max_wait: Duration,
+    pub(crate) client_credentials: Option<Rate>,
+    pub(crate) refresh_token: Option<Rate>,
+    /// The budget of reporting paths, inside a tenant's whole one.
+    pub(crate) reporting: Option<Rate>,
+    pub(crate) reporting_paths: Globs,
+}
+
+/// `tenants.NAME.rate_limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TenantLimit {
+    /// Not set: the `[rate_limit]` value for the tenant's grant.
+    Inherit,
+    /// `"off"`: no limit at all, reporting included.
+    Off,
+    Own(Rate),
+}
+
+impl Config {
+    /// What `tenant` is paced by.
+    pub(crate) fn limits(&self, tenant: &TenantConfig) -> Limits {
+        let r = &self.rate_limit;
+        let by_grant = match tenant.grant {
+            Grant::ClientCredentials => r.client_credentials,
+            Grant::RefreshToken => r.refresh_token,
+        };
+        let (overall, reporting) = match tenant.rate_limit {
+            TenantLimit::Off => (None, None),
+            TenantLimit::Own(rate) => (Some(rate), r.reporting),
+            TenantLimit::Inherit => (by_grant, r.reporting),
+        };
+        Limits {
+            overall,
+            reporting: reporting.map(|rate| (rate, r.reporting_paths.clone())),
+            max_wait: r.max_wait,
+        }
+    }
 }
 
 /// Signing key pair of the app's consent connector (client-credentials
@@ -173,6 +219,7 @@ pub struct TenantConfig {
     /// Refresh-token tenants: the refresh token to start from when the
     /// store holds none.
     pub seed_refresh_token: Option<SecretSource>,
+    pub(crate) rate_limit: TenantLimit,
 }
 
 // === errors ===

@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) store: RawStore,
     #[serde(default)]
+    pub(super) rate_limit: RawRateLimit,
+    #[serde(default)]
     pub(super) consent: Option<RawConsent>,
     #[serde(default)]
     pub(super) tenants: BTreeMap<String, RawTenant>,
@@ -175,6 +177,37 @@ impl Default for RawStore {
     }
 }
 
+/// `[rate_limit]`: limits are text (`"250/min"`), read in validation so
+/// that a bad one is named by its key.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRateLimit {
+    #[serde(with = "humantime_serde")]
+    pub(super) max_wait: Duration,
+    #[serde(deserialize_with = "opt_lenient_string")]
+    pub(super) client_credentials: Option<String>,
+    #[serde(deserialize_with = "opt_lenient_string")]
+    pub(super) refresh_token: Option<String>,
+    #[serde(deserialize_with = "opt_lenient_string")]
+    pub(super) reporting: Option<String>,
+    pub(super) reporting_paths: Vec<String>,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        Self {
+            max_wait: Duration::from_secs(30),
+            client_credentials: None,
+            refresh_token: None,
+            reporting: None,
+            reporting_paths: crate::pacing::DEFAULT_REPORTING_PATHS
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConsent {
@@ -211,6 +244,9 @@ pub(super) struct RawTenant {
     )]
     pub(super) refresh_token: Option<SecretString>,
     pub(super) refresh_token_file: Option<PathBuf>,
+    /// This tenant's own limit, or `"off"`.
+    #[serde(default, deserialize_with = "opt_lenient_string")]
+    pub(super) rate_limit: Option<String>,
 }
 
 /// How a tenant obtains its access tokens.

@@ -11,11 +11,15 @@ use secrecy::ExposeSecret;
 use url::Url;
 
 use self::tenants::{store, tenants};
-use super::raw::{RawConfig, RawConsent, RawRefresh, RawServer, RawTenant, RawUpstream};
+use super::raw::{
+    RawConfig, RawConsent, RawRateLimit, RawRefresh, RawServer, RawTenant, RawUpstream,
+};
 use super::secret::{SecretSource, check_admin_token, secret_pair};
 use super::{
-    Config, ConfigError, ConsentConfig, RefreshConfig, ServerConfig, UpstreamConfig, read_roots,
+    Config, ConfigError, ConsentConfig, RateLimitConfig, RefreshConfig, ServerConfig,
+    UpstreamConfig, read_roots,
 };
+use crate::pacing::{Globs, Rate};
 
 // === bounds ===
 //
@@ -78,6 +82,7 @@ impl RawConfig {
         let server = server(self.server, &self.tenants, &mut bad);
         let upstream = upstream(self.upstream, &mut bad);
         let refresh = refresh(self.refresh, &mut bad);
+        let rate_limit = rate_limit(self.rate_limit, &mut bad);
         let consent = self.consent.and_then(|c| consent(c, &mut bad));
         if self.tenants.is_empty() {
             bad(
@@ -93,6 +98,7 @@ impl RawConfig {
                 upstream,
                 refresh,
                 store,
+                rate_limit,
                 consent,
                 tenants,
             }),
@@ -329,6 +335,39 @@ fn refresh(raw: RawRefresh, bad: &mut impl FnMut(&str, String)) -> RefreshConfig
         max_backoff: raw.max_backoff,
         rejected_backoff: raw.rejected_backoff,
         lazy: raw.lazy,
+    }
+}
+
+/// A limit (`"250/min"`), `None` when unset or bad (and then named).
+pub(super) fn rate(
+    key: &str,
+    text: Option<&str>,
+    bad: &mut impl FnMut(&str, String),
+) -> Option<Rate> {
+    Rate::parse(text?).map_err(|e| bad(key, e)).ok()
+}
+
+/// `[rate_limit]`.
+fn rate_limit(raw: RawRateLimit, bad: &mut impl FnMut(&str, String)) -> RateLimitConfig {
+    duration_within("rate_limit.max_wait", raw.max_wait, MAX_TIMEOUT, bad);
+    let reporting_paths = Globs::new(&raw.reporting_paths).unwrap_or_else(|e| {
+        bad("rate_limit.reporting_paths", e);
+        Globs::new(&[]).unwrap_or_else(|_| unreachable!("no glob is a good glob"))
+    });
+    RateLimitConfig {
+        max_wait: raw.max_wait,
+        client_credentials: rate(
+            "rate_limit.client_credentials",
+            raw.client_credentials.as_deref(),
+            bad,
+        ),
+        refresh_token: rate(
+            "rate_limit.refresh_token",
+            raw.refresh_token.as_deref(),
+            bad,
+        ),
+        reporting: rate("rate_limit.reporting", raw.reporting.as_deref(), bad),
+        reporting_paths,
     }
 }
 

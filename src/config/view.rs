@@ -14,8 +14,10 @@ use secrecy::SecretString;
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::raw::{RawConfig, RawConsent, RawRefresh, RawServer, RawStore, RawTenant, RawUpstream};
-use super::{Config, SecretSource};
+use super::raw::{
+    RawConfig, RawConsent, RawRateLimit, RawRefresh, RawServer, RawStore, RawTenant, RawUpstream,
+};
+use super::{Config, SecretSource, TenantLimit};
 
 /// What a secret prints as.
 pub(crate) const REDACTED: &str = "<redacted>";
@@ -93,6 +95,17 @@ fn raw(c: &Config) -> RawConfig {
                 poll_interval: c.store.poll_interval,
             }
         },
+        rate_limit: {
+            let l = &c.rate_limit;
+            let show = |r: Option<crate::pacing::Rate>| r.map(|r| r.to_string());
+            RawRateLimit {
+                max_wait: l.max_wait,
+                client_credentials: show(l.client_credentials),
+                refresh_token: show(l.refresh_token),
+                reporting: show(l.reporting),
+                reporting_paths: l.reporting_paths.as_strings(),
+            }
+        },
         consent: c.consent.as_ref().map(|k| {
             let (signing_secret, signing_secret_file) = split(Some(&k.signing_secret));
             RawConsent {
@@ -115,6 +128,11 @@ fn raw(c: &Config) -> RawConfig {
                     redirect_uri: t.redirect_uri.clone(),
                     refresh_token,
                     refresh_token_file,
+                    rate_limit: match t.rate_limit {
+                        TenantLimit::Inherit => None,
+                        TenantLimit::Off => Some("off".to_owned()),
+                        TenantLimit::Own(rate) => Some(rate.to_string()),
+                    },
                 };
                 (t.name.clone(), raw)
             })
@@ -315,6 +333,7 @@ mod tests {
                 "[upstream]",
                 "[refresh]",
                 "[store]",
+                "[rate_limit]",
                 "[tenants.main]"
             ],
             "{text}"

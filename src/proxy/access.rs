@@ -18,6 +18,8 @@ pub(super) struct Observed {
     pub(super) access: Option<(Method, Uri)>,
     /// Time spent waiting for the upstream, when the access log wants it.
     pub(super) upstream_time: Option<Duration>,
+    /// Time spent waiting for a turn under the tenant's rate limit.
+    pub(super) waited: Option<Duration>,
 }
 
 impl Observed {
@@ -29,6 +31,7 @@ impl Observed {
             started,
             access,
             upstream_time,
+            waited: None,
         }
     }
 }
@@ -37,7 +40,8 @@ impl Observed {
 pub(crate) const ACCESS_LOG: &str = "criteo_token_proxy::access";
 
 /// One line per request: tenant, method, path, status, total and upstream
-/// latency (time to response headers). The query string can carry
+/// latency (time to response headers), and the wait for a turn under the
+/// tenant's rate limit. The query string can carry
 /// identifiers, so it is logged only at debug level.
 pub(super) fn access_log(
     tenant: &Tenant,
@@ -46,9 +50,11 @@ pub(super) fn access_log(
     status: StatusCode,
     total: Duration,
     upstream: Option<Duration>,
+    waited: Option<Duration>,
 ) {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let upstream_ms = upstream.map_or(0.0, ms);
+    let wait_ms = waited.map_or(0.0, ms);
     if tracing::enabled!(target: ACCESS_LOG, Level::DEBUG) {
         tracing::debug!(
             target: ACCESS_LOG,
@@ -59,6 +65,7 @@ pub(super) fn access_log(
             status = status.as_u16(),
             total_ms = ms(total),
             upstream_ms,
+            wait_ms,
             "request"
         );
     } else {
@@ -70,6 +77,7 @@ pub(super) fn access_log(
             status = status.as_u16(),
             total_ms = ms(total),
             upstream_ms,
+            wait_ms,
             "request"
         );
     }

@@ -235,7 +235,7 @@ impl Proxy {
                 let elapsed = started.elapsed();
                 tenant.metrics.request(resp.status(), elapsed.as_secs_f64());
                 if tracing::enabled!(target: ACCESS_LOG, Level::INFO) {
-                    access_log(&tenant, &method, &uri, resp.status(), elapsed, None);
+                    access_log(&tenant, &method, &uri, resp.status(), elapsed, None, None);
                 }
                 resp
             }

@@ -10,11 +10,12 @@
 //! test knobs and what it records.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use criteo_token_proxy::sandbox::{self, GrantError, Ledger, Refusal};
@@ -41,6 +42,16 @@ pub struct Seen {
     pub status: u16,
     /// The proxy's end of the connection the request came on.
     pub peer: SocketAddr,
+    /// When the request arrived.
+    pub arrived: Instant,
+}
+
+/// Criteo's limit: at most `calls` accepted calls per client in any
+/// window of `window` (a sliding window); more get 429.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    calls: usize,
+    window: Duration,
 }
 
 /// The address a connection came from, attached to each of its requests.
@@ -115,6 +126,11 @@ pub struct State {
     /// Presentations of a refresh token that had already been used.
     spent_presented: AtomicUsize,
     consent_denied: AtomicBool,
+    limit: Option<Limit>,
+    /// Accepted calls per client id, in the current window.
+    calls: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// 429s sent for the limit.
+    rate_limited: AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +152,7 @@ pub struct Builder {
     redirect: Option<(u16, String)>,
     outage: bool,
     tls: bool,
+    limit: Option<Limit>,
 }
 
 impl FakeCriteo {
@@ -150,6 +167,7 @@ impl FakeCriteo {
             redirect: None,
             outage: false,
             tls: false,
+            limit: None,
         }
     }
 
@@ -220,6 +238,11 @@ impl FakeCriteo {
     pub fn issued_tokens(&self) -> Vec<String> {
         let ledger = self.state.ledger.lock().unwrap();
         ledger.access_tokens().map(str::to_owned).collect()
+    }
+
+    /// 429s sent for the rate limit.
+    pub fn rate_limited(&self) -> usize {
+        self.state.rate_limited.load(Ordering::SeqCst)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -423,6 +446,15 @@ impl Builder {
         self
     }
 
+    /// Criteo's rate limit: at most `calls` API calls per client in any
+    /// window of `window`; past it, 429 with `x-ratelimit-limit`,
+    /// `x-ratelimit-remaining`, `x-ratelimit-reset` (Unix seconds) and
+    /// `Date`, as Criteo answers (no `Retry-After`).
+    pub fn rate_limit(mut self, calls: usize, window: Duration) -> Self {
+        self.limit = Some(Limit { calls, window });
+        self
+    }
+
     pub async fn start(self) -> FakeCriteo {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -452,6 +484,9 @@ impl Builder {
             refresh_presented: Mutex::new(Vec::new()),
             spent_presented: AtomicUsize::new(0),
             consent_denied: AtomicBool::new(false),
+            limit: self.limit,
+            calls: Mutex::new(HashMap::new()),
+            rate_limited: AtomicUsize::new(0),
         });
         let (acceptor, ca_pem) = if self.tls {
             let (a, pem) = tls_acceptor();
@@ -721,7 +756,72 @@ fn answer_text(
     format!("{{{}}}", parts.join(","))
 }
 
+/// Counts a call of the token's client against the limit: `Some(429)`
+/// when it is over (and then it is not counted).
+fn over_limit(st: &State, token: Option<&str>) -> Option<Response<Body>> {
+    let limit = st.limit?;
+    let client = st.ledger.lock().unwrap().check(token).ok()?.to_owned();
+    let now = Instant::now();
+    let mut calls = st.calls.lock().unwrap();
+    let window = calls.entry(client).or_default();
+    while window
+        .front()
+        .is_some_and(|&at| now.duration_since(at) >= limit.window)
+    {
+        window.pop_front();
+    }
+    if window.len() < limit.calls {
+        window.push_back(now);
+        return None;
+    }
+    st.rate_limited.fetch_add(1, Ordering::SeqCst);
+    let free_at = window[0] + limit.window;
+    let reset = SystemTime::now() + free_at.saturating_duration_since(now);
+    let reset = reset
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        .ceil() as u64;
+    let mut r = json_body(
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({"errors": [{"type": "rate-limit", "code": "rate-limit-exceeded", "title": "Too many requests"}]}),
+    );
+    let h = r.headers_mut();
+    h.insert("x-ratelimit-limit", limit.calls.into());
+    h.insert("x-ratelimit-remaining", 0.into());
+    h.insert("x-ratelimit-reset", reset.into());
+    h.insert("date", http_date(SystemTime::now()).parse().unwrap());
+    Some(r)
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` (RFC 9110's IMF-fixdate).
+fn http_date(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(month - 1) as usize];
+    format!(
+        "{weekday}, {day:02} {month} {year} {:02}:{:02}:{:02} GMT",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
 async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let arrived = Instant::now();
     st.api_arrivals.send_modify(|c| *c += 1);
     let (parts, body) = req.into_parts();
     let body = body
@@ -757,7 +857,12 @@ async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         }
         Ok(_) => None,
     };
+    let limited = match verdict {
+        None => over_limit(&st, token.as_deref()),
+        Some(_) => None,
+    };
     let mut resp = match verdict {
+        _ if limited.is_some() => limited.unwrap(),
         Some(refusal) if st.stall_401_bodies.load(Ordering::SeqCst) => {
             let mut r = Response::new(Either::Right(StreamBody::new(
                 tokio_stream::Chunks::stalling(refusal.code()),
@@ -839,6 +944,7 @@ async fn api(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         body,
         status: resp.status().as_u16(),
         peer: parts.extensions.get::<Peer>().expect("peer recorded").0,
+        arrived,
     });
     st.api_requests.send_modify(|c| *c += 1);
     resp.headers_mut()

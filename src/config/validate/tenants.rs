@@ -10,7 +10,7 @@ use url::Url;
 
 use crate::config::raw::{Grant, RawStore, RawTenant};
 use crate::config::secret::{SecretSource, secret_pair};
-use crate::config::{StoreConfig, TenantConfig};
+use crate::config::{StoreConfig, TenantConfig, TenantLimit};
 
 /// `[tenants.NAME]`: the tenants whose client secret can be read.
 pub(super) fn tenants(
@@ -84,6 +84,12 @@ pub(super) fn tenants(
                 (redirect_uri, seed)
             }
         };
+        let rate_limit = match t.rate_limit.as_deref().map(str::trim) {
+            None => TenantLimit::Inherit,
+            Some("off") => TenantLimit::Off,
+            Some(text) => super::rate(&key("rate_limit"), Some(text), bad)
+                .map_or(TenantLimit::Inherit, TenantLimit::Own),
+        };
         if let Some(client_secret) = client_secret {
             tenants.push(TenantConfig {
                 name,
@@ -92,6 +98,7 @@ pub(super) fn tenants(
                 client_secret,
                 redirect_uri,
                 seed_refresh_token,
+                rate_limit,
             });
         }
     }
