@@ -6,6 +6,8 @@
 #
 #   benches/instructions.sh            # criteo-token-proxy, then nginx for reference
 #   DURATION=30s benches/instructions.sh
+#   PACED=1 benches/instructions.sh          # also the tenant with a rate limit
+#                                            # far from reached (pacing's cost)
 #   STORE=postgres benches/instructions.sh   # also a refresh-token tenant kept
 #                                            # in PostgreSQL (the request path
 #                                            # must not touch the database)
@@ -51,6 +53,11 @@ count() { # label port command...
 
 echo "user-space instructions per request (callgrind), wrk -t1 -c16 -d$DURATION"
 RUST_LOG=warn count criteo-token-proxy "$CTP" "$PROXY_BIN" --config "$work/proxy.toml"
+if [ -n "${PACED:-}" ]; then
+  CTP=$(free_port); ADM=$(free_port); write_proxy_conf
+  printf 'rate_limit = "1000000/sec"\n' >> "$work/proxy.toml"
+  RUST_LOG=warn count ctp-rate-limited "$CTP" "$PROXY_BIN" --config "$work/proxy.toml"
+fi
 if [ "${STORE:-}" = postgres ]; then
   start_postgres
   CTP=$(free_port); ADM=$(free_port); write_proxy_conf_shared
