@@ -148,6 +148,16 @@ impl Tenants {
                 }
             }
         }
+        // Replicas sharing a store pace to their share of each limit: a
+        // pacer built now starts at the share the others had, not at the
+        // whole limit until the next heartbeat.
+        if let Some(replicas) = previous.and_then(Tenants::replicas) {
+            for t in &ordered {
+                if let Some(p) = &t.pacing {
+                    p.set_share(replicas);
+                }
+            }
+        }
         if let Some(p) = previous {
             for old in &p.ordered {
                 if !config.tenants.iter().any(|t| *t.name == *old.name) {
@@ -218,6 +228,22 @@ impl Tenants {
         self.ordered.iter()
     }
 
+    /// How many replicas share the limits, as the paced tenants were
+    /// last told (`None`: no tenant is paced).
+    pub(crate) fn replicas(&self) -> Option<u32> {
+        self.ordered
+            .iter()
+            .find_map(|t| t.pacing.as_deref().map(Pacing::replicas))
+    }
+
+    /// Paces every paced tenant to its share of its limits, `replicas`
+    /// sharing them.
+    pub(crate) fn set_share(&self, replicas: u32) {
+        for p in self.ordered.iter().filter_map(|t| t.pacing.as_deref()) {
+            p.set_share(replicas);
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.ordered.len()
     }
@@ -247,10 +273,17 @@ mod tests {
         assert!(changes.start.is_empty() && changes.stop.is_empty());
         let limit = |t: &Tenant| t.limits().and_then(|l| l.overall).map(|r| r.to_string());
         assert_eq!(limit(new).as_deref(), Some("20/min"));
+        after.set_share(3);
         let (again, _) = Tenants::rebuild(&config("20/min"), &metrics, Some(&after));
         assert!(
             Arc::ptr_eq(new, again.get("main").unwrap()),
             "unchanged: kept whole"
+        );
+        let (third, _) = Tenants::rebuild(&config("30/min"), &metrics, Some(&again));
+        assert_eq!(
+            third.replicas(),
+            Some(3),
+            "a repaced tenant keeps the replicas' share"
         );
     }
 }

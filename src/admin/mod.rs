@@ -271,6 +271,7 @@ fn describe(t: &Tenant) -> Value {
                 "reporting": l.reporting.as_ref().map(|(r, _)| r.to_string()),
                 "max_wait_seconds": l.max_wait.as_secs_f64(),
                 "waiting": p.waiting(),
+                "share": format!("1/{}", p.replicas()),
             })
         }),
     })

@@ -18,6 +18,7 @@
 //! Times are nanoseconds since the owner's epoch, so that the arithmetic
 //! (and its tests) need no clock.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::rate::Rate;
@@ -50,6 +51,23 @@ pub(crate) struct Gcra {
     interval: AtomicU64,
     /// How far ahead of the TAT a request may go (the burst, less one).
     tolerance: AtomicU64,
+    /// The whole rate (configured, or adopted from Criteo) and how many
+    /// replicas share it: what `interval` and `tolerance` are computed
+    /// from. Only the rare writers ([`Gcra::adopt`], [`Gcra::set_share`])
+    /// take this lock, so that one's change never undoes the other's;
+    /// [`Gcra::reserve`] reads only the atomics.
+    basis: Mutex<(Rate, u32)>,
+}
+
+/// One replica's part of `rate` when `replicas` share it: an equal part,
+/// rounded down so that the parts never add up to more than the whole,
+/// and at least one call per period (with more replicas than calls, the
+/// whole can be exceeded; a limit that small is not worth sharing).
+pub(crate) fn share_of(rate: Rate, replicas: u32) -> Rate {
+    Rate {
+        calls: (rate.calls / replicas.max(1)).max(1),
+        period: rate.period,
+    }
 }
 
 /// `(interval, tolerance)` in nanoseconds for `rate`.
@@ -70,6 +88,7 @@ impl Gcra {
             tat: AtomicU64::new(0),
             interval: AtomicU64::new(interval),
             tolerance: AtomicU64::new(tolerance),
+            basis: Mutex::new((rate, 1)),
         }
     }
 
@@ -134,9 +153,24 @@ impl Gcra {
             .fetch_max(until.saturating_add(tolerance), Ordering::AcqRel);
     }
 
-    /// Paces to `rate` from now on (turns already reserved are kept).
+    /// Paces to `rate` from now on (turns already reserved are kept),
+    /// still shared by as many replicas as before.
     pub(crate) fn adopt(&self, rate: Rate) {
-        let (interval, tolerance) = shape(rate);
+        self.reshape(|basis| basis.0 = rate);
+    }
+
+    /// Paces to one `replicas`-th of the whole rate from now on (turns
+    /// already reserved are kept): raises or lowers the rate as replicas
+    /// come and go.
+    pub(crate) fn set_share(&self, replicas: u32) {
+        self.reshape(|basis| basis.1 = replicas.max(1));
+    }
+
+    fn reshape(&self, change: impl FnOnce(&mut (Rate, u32))) {
+        // A poisoned lock guards two plain values: carry on.
+        let mut basis = self.basis.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut basis);
+        let (interval, tolerance) = shape(share_of(basis.0, basis.1));
         self.interval.store(interval, Ordering::Relaxed);
         self.tolerance.store(tolerance, Ordering::Relaxed);
     }
@@ -260,6 +294,50 @@ mod tests {
         let b = g.reserve(0, 0, u64::MAX).unwrap().turn;
         assert_eq!(a, 5000 * MS);
         assert!(b > a);
+    }
+
+    #[test]
+    fn a_share_is_an_equal_part_rounded_down_and_at_least_one() {
+        let calls = |n, k| share_of(rate(n, 2000), k).calls;
+        assert_eq!(calls(12, 1), 12);
+        assert_eq!(calls(12, 3), 4);
+        assert_eq!(calls(250, 3), 83, "3 × 83 ≤ 250");
+        assert_eq!(calls(10, 4), 2);
+        assert_eq!(calls(2, 5), 1, "at least one per period");
+        assert_eq!(calls(12, 0), 12, "no replica counted: the whole");
+        assert_eq!(share_of(rate(12, 2000), 3).period, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn replicas_each_paced_to_their_share_stay_under_the_whole_together() {
+        let whole = rate(12, 2000);
+        for seed in 1..20 {
+            let mut turns = Vec::new();
+            for replica in 0..3 {
+                let g = Gcra::new(whole);
+                g.set_share(3);
+                turns.extend(
+                    arrivals(seed * 7 + replica, 60, 500)
+                        .into_iter()
+                        .map(|at| g.reserve(at, at, u64::MAX).unwrap().turn),
+                );
+            }
+            let most = most_in_any_window(&turns, 2000 * MS);
+            assert!(most <= 12, "{most} turns in one period (seed {seed})");
+        }
+    }
+
+    #[test]
+    fn a_share_raised_again_paces_to_the_whole_and_keeps_an_adopted_limit() {
+        let g = Gcra::new(rate(12, 1200));
+        g.set_share(3);
+        assert_eq!(g.interval.load(Ordering::Relaxed), shape(rate(4, 1200)).0);
+        g.set_share(1);
+        assert_eq!(g.interval.load(Ordering::Relaxed), shape(rate(12, 1200)).0);
+        g.adopt(rate(6, 1200));
+        g.set_share(2);
+        g.set_share(1);
+        assert_eq!(g.interval.load(Ordering::Relaxed), shape(rate(6, 1200)).0);
     }
 
     #[test]

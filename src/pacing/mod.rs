@@ -20,7 +20,7 @@ mod paths;
 mod rate;
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -55,6 +55,9 @@ pub(crate) struct Pacing {
     reporting: Option<Reporting>,
     /// Requests sleeping until their turn (`/tenants`).
     waiting: AtomicUsize,
+    /// Replicas sharing the budgets (this one paces to 1/`replicas` of
+    /// them); 1 without a shared store.
+    replicas: AtomicU32,
 }
 
 #[derive(Debug)]
@@ -81,7 +84,29 @@ impl Pacing {
             limits,
             epoch: Instant::now(),
             waiting: AtomicUsize::new(0),
+            replicas: AtomicU32::new(1),
         })
+    }
+
+    /// Paces every budget to one `replicas`-th of its limit from now on
+    /// (replicas sharing a store share the tenant's limits equally).
+    /// Cheap when the count is unchanged; `admit` never waits for it.
+    pub(crate) fn set_share(&self, replicas: u32) {
+        let replicas = replicas.max(1);
+        if self.replicas.swap(replicas, Ordering::Relaxed) == replicas {
+            return;
+        }
+        if let Some(o) = &self.overall {
+            o.set_share(replicas);
+        }
+        if let Some(r) = &self.reporting {
+            r.budget.set_share(replicas);
+        }
+    }
+
+    /// How many replicas share the budgets (this one has 1/that).
+    pub(crate) fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed)
     }
 
     pub(crate) fn limits(&self) -> &Limits {

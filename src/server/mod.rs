@@ -33,12 +33,14 @@ mod control;
 mod refreshers;
 mod refusals;
 mod reload;
+mod share;
 mod worker;
 
 use conn::Drain;
 use control::{Control, Plane};
 use refreshers::Refreshers;
 use refusals::{Refusal, Refused, allowed};
+use share::Sharing;
 
 /// The two sockets the proxy serves, bound by the caller (tests bind
 /// `127.0.0.1:0`, so they never race for ports).
@@ -102,6 +104,9 @@ pub struct App {
     config: Config,
     /// Where to reload the configuration from (SIGHUP, file changes).
     config_path: Option<PathBuf>,
+    /// With a shared store and a paced tenant: the store, and this
+    /// replica's row among the replicas sharing the rate limits.
+    sharing: Option<(Arc<dyn TokenStore>, crate::store::Replicas)>,
 }
 
 impl App {
@@ -129,10 +134,14 @@ impl App {
             .tenants
             .iter()
             .any(|t| t.grant == Grant::RefreshToken);
-        let store: Option<Arc<dyn TokenStore>> = match needs_store {
-            true => crate::store::open_configured(&config.store, metrics.store_errors())?,
-            false => None,
+        // Replicas on a shared store share the rate limits through it,
+        // even when no tenant keeps its tokens there.
+        let shares_limits = config.store.url.is_some() && tenants.load().replicas().is_some();
+        let (store, replicas) = match needs_store || shares_limits {
+            true => crate::store::open_with_replicas(&config.store, metrics.store_errors())?,
+            false => (None, None),
         };
+        let sharing = store.clone().zip(replicas.filter(|_| shares_limits));
         let refreshers = Refreshers::new(config.refresh.clone(), endpoint, store, metrics.clone());
         let proxy = Proxy::new(&config, Arc::clone(&tenants), upstream, metrics.clone());
         let onboarding = Onboarding::new(
@@ -172,6 +181,7 @@ impl App {
             allowed_clients: config.server.allowed_clients.clone(),
             config,
             config_path: None,
+            sharing,
         })
     }
 
@@ -190,6 +200,9 @@ impl App {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), StartError> {
         let first = self.tenants.load_full();
+        let sharing = self
+            .sharing
+            .map(|(store, replicas)| Sharing::start(store, replicas, Arc::clone(&self.tenants)));
         // Reload and the refreshers live in their own task: nothing they
         // wait for can hold up an accept.
         let control = Control::spawn(Plane {
@@ -308,6 +321,12 @@ impl App {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         tracing::info!("connections closed");
+        // Only now: until its last request went out, this replica used
+        // its share.
+        if let Some(sharing) = sharing {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            sharing.leave(left.max(Duration::from_millis(500))).await;
+        }
         // Stage 3: the refreshers have stopped, or the one in the middle of
         // a token request (a rotation, whose new refresh token must reach
         // the store) has had until the deadline to finish it.

@@ -19,14 +19,7 @@ pub(crate) fn open_configured(
     errors: crate::metrics::StoreErrors,
 ) -> Result<Option<Arc<dyn TokenStore>>, super::StoreError> {
     if let Some(url) = &config.url {
-        let store = super::PgStore::start(super::PgOptions {
-            url: url.clone(),
-            lease: config.lease,
-            poll_interval: config.poll_interval,
-            errors,
-        });
-        tracing::info!(store = %store.location(), "token store: PostgreSQL");
-        return Ok(Some(Arc::new(store)));
+        return Ok(Some(Arc::new(start_shared(url, config, errors))));
     }
     match &config.path {
         Some(path) => Ok(Some(Arc::new(Counted {
@@ -35,6 +28,40 @@ pub(crate) fn open_configured(
         }))),
         None => Ok(None),
     }
+}
+
+/// The store, if any, and this replica's row on a shared one.
+type Opened = (Option<Arc<dyn TokenStore>>, Option<super::Replicas>);
+
+/// [`open_configured`], and with a shared store this replica's row among
+/// the replicas on it (to share the tenants' rate limits).
+pub(crate) fn open_with_replicas(
+    config: &crate::config::StoreConfig,
+    errors: crate::metrics::StoreErrors,
+) -> Result<Opened, super::StoreError> {
+    match &config.url {
+        Some(url) => {
+            let store = start_shared(url, config, errors);
+            let replicas = store.replicas();
+            Ok((Some(Arc::new(store)), Some(replicas)))
+        }
+        None => Ok((open_configured(config, errors)?, None)),
+    }
+}
+
+fn start_shared(
+    url: &crate::config::SecretSource,
+    config: &crate::config::StoreConfig,
+    errors: crate::metrics::StoreErrors,
+) -> super::PgStore {
+    let store = super::PgStore::start(super::PgOptions {
+        url: url.clone(),
+        lease: config.lease,
+        poll_interval: config.poll_interval,
+        errors,
+    });
+    tracing::info!(store = %store.location(), "token store: PostgreSQL");
+    store
 }
 
 #[derive(Debug)]

@@ -24,10 +24,10 @@ mod postgres;
 mod snapshot;
 mod sqlite;
 
-pub(crate) use configured::open_configured;
+pub(crate) use configured::{open_configured, open_with_replicas};
 pub(crate) use contract::{Access, Generation, Key, Put, PutError, Record, TokenStore};
 pub(crate) use open::open;
-pub(crate) use postgres::{PgOptions, PgStore};
+pub(crate) use postgres::{HEARTBEAT, PgOptions, PgStore, Replicas};
 
 /// Whether `url` is a usable `store.url` (the error never quotes it).
 pub(crate) fn check_url(url: &str) -> Result<(), String> {

@@ -12,6 +12,7 @@
 mod conn;
 mod feed;
 mod lease;
+mod replicas;
 mod schema;
 mod sql;
 mod tls;
@@ -33,6 +34,7 @@ use super::{Generation, Put, PutError, Record, TokenStore, format};
 use crate::config::SecretSource;
 use crate::metrics::StoreErrors;
 
+pub(crate) use self::replicas::{HEARTBEAT, Replicas};
 pub(crate) use self::url::{parse as parse_url, redact};
 
 /// Bound on every statement, from the caller's side.

@@ -5,14 +5,15 @@
 use tokio_postgres::Client;
 
 /// The schema this release writes.
-pub(crate) const VERSION: i32 = 1;
+pub(crate) const VERSION: i32 = 2;
 
 /// Any constant shared by every replica: the advisory lock migrations
 /// hold ("criteo" in ASCII).
 const LOCK: i64 = 0x6372_6974_656f;
 
 /// Migration `n` (1-based) takes the schema from version `n - 1` to `n`.
-const MIGRATIONS: [&str; VERSION as usize] = [r#"
+const MIGRATIONS: [&str; VERSION as usize] = [
+    r#"
 CREATE SEQUENCE criteo_proxy_generation;
 
 CREATE TABLE criteo_proxy_tenants (
@@ -71,7 +72,16 @@ BEGIN
 END $$;
 CREATE TRIGGER criteo_proxy_lease_freed AFTER DELETE ON criteo_proxy_leases
     FOR EACH ROW EXECUTE FUNCTION criteo_proxy_lease_freed();
-"#];
+"#,
+    r#"
+-- one row per running replica, its heartbeat refreshing `seen`: replicas
+-- seen lately share each tenant's rate limit equally
+CREATE TABLE criteo_proxy_replicas (
+    id   text PRIMARY KEY,
+    seen timestamptz NOT NULL
+);
+"#,
+];
 
 /// Creates or migrates the schema; an error says what to do.
 pub(super) async fn migrate(client: &mut Client) -> Result<(), String> {
