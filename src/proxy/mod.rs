@@ -10,6 +10,7 @@ pub(crate) mod headers;
 mod local;
 mod send;
 mod settle;
+mod throttled;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
