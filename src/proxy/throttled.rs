@@ -34,21 +34,12 @@ impl Proxy {
     /// replicas do not all resume at once), and adopts a lower limit.
     pub(super) fn learn(&self, tenant: &Tenant, pacing: &Pacing, path: &str, headers: &HeaderMap) {
         tenant.metrics.rate_limited_by_criteo();
-        let pause = pause_for(headers, SystemTime::now());
-        let pause = pause + jitter(pause, rand::random());
-        pacing.pause_until(tokio::time::Instant::now() + pause);
-        tracing::debug!(
-            tenant = &*tenant.name,
-            pause_ms = pause.as_millis() as u64,
-            "Criteo answered 429; tenant paused"
-        );
+        // First the limit, so that the pause ends into its spacing.
         let limit = headers
             .get("x-ratelimit-limit")
-            .and_then(|v| v.to_str().ok());
-        let Some(calls) = limit.and_then(|v| v.trim().parse::<u32>().ok()) else {
-            return;
-        };
-        if let Some((before, now)) = pacing.learn_limit(path, calls) {
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        if let Some((before, now)) = limit.and_then(|calls| pacing.learn_limit(path, calls)) {
             tracing::warn!(
                 tenant = &*tenant.name,
                 configured = %before,
@@ -57,6 +48,14 @@ impl Proxy {
                  (taken per the configured period) until restart or reload"
             );
         }
+        let pause = pause_for(headers, SystemTime::now());
+        let pause = pause + jitter(pause, rand::random());
+        pacing.pause_until(tokio::time::Instant::now() + pause);
+        tracing::debug!(
+            tenant = &*tenant.name,
+            pause_ms = pause.as_millis() as u64,
+            "Criteo answered 429; tenant paused"
+        );
     }
 
     /// A 429 to a request whose body was kept: learn from it, then send
