@@ -367,7 +367,6 @@ impl TenantMetrics {
     }
 
     /// A 429 from Criteo to a tenant with a limit (rare: no handle kept).
-    #[allow(dead_code)] // For learning from Criteo's 429s.
     pub(crate) fn rate_limited_by_criteo(&self) {
         self.vecs
             .rate_limited

@@ -11,16 +11,18 @@
 //! that the instant reserved in one is exactly the instant reserved in the
 //! other; the other requests never touch it.
 //!
-//! For what comes next: [`Pacing::pause_until`] (Criteo answered 429:
-//! no turn before its reset) and [`Pacing::adopt_limit`] (Criteo says the
-//! limit is lower) act on the same budgets, without a lock.
+//! Criteo's 429s feed it ([`criteo`]): [`Pacing::pause_until`] (no turn
+//! before its reset; a request still waiting for an earlier turn takes a
+//! new one after it) and [`Pacing::learn_limit`] (Criteo says the limit is
+//! lower) act on the same budgets, without a lock.
 
+mod criteo;
 mod gcra;
 mod paths;
 mod rate;
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -58,6 +60,12 @@ pub(crate) struct Pacing {
     /// Replicas sharing the budgets (this one paces to 1/`replicas` of
     /// them); 1 without a shared store.
     replicas: AtomicU32,
+    /// The end of the latest pause Criteo asked for (nanoseconds since
+    /// `epoch`): a turn reserved before it and earlier than it is not used.
+    paused: AtomicU64,
+    /// The calls per period learnt from Criteo, `[overall, reporting]`
+    /// (0: none learnt).
+    learnt: [AtomicU32; 2],
 }
 
 #[derive(Debug)]
@@ -85,6 +93,8 @@ impl Pacing {
             epoch: Instant::now(),
             waiting: AtomicUsize::new(0),
             replicas: AtomicU32::new(1),
+            paused: AtomicU64::new(0),
+            learnt: [AtomicU32::new(0), AtomicU32::new(0)],
         })
     }
 
@@ -140,7 +150,7 @@ impl Pacing {
         if turn <= now {
             return Ok(None);
         }
-        Box::pin(self.wait(grants, turn)).await;
+        Box::pin(self.wait(path, grants, turn)).await?;
         Ok(Some(started.elapsed()))
     }
 
@@ -177,24 +187,44 @@ impl Pacing {
         })
     }
 
+    /// Sleeps until `turn`. If Criteo asked for a pause meanwhile that
+    /// ends after it, the turn is given up (later ones were reserved: it
+    /// stays unused) and a new one taken, as a request arriving then would
+    /// (`Err` if that one is further than `max_wait`).
     #[cold]
-    async fn wait(&self, grants: [Option<Grant>; 2], turn: u64) {
+    async fn wait(
+        &self,
+        path: &str,
+        grants: [Option<Grant>; 2],
+        mut turn: u64,
+    ) -> Result<(), Refused> {
         let mut waiting = Waiting {
             pacing: self,
             grants,
             done: false,
         };
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep_until(self.instant(turn)).await;
-        waiting.done = true;
+        loop {
+            tokio::time::sleep_until(self.instant(turn)).await;
+            if self.paused.load(Ordering::Acquire) <= turn {
+                waiting.done = true;
+                return Ok(());
+            }
+            waiting.done = true;
+            let now = self.nanos(Instant::now());
+            waiting.grants = self.reserve(path, now)?;
+            waiting.done = false;
+            turn = waiting.grants[0].map_or(now, |g| g.turn);
+        }
     }
 
     /// No turn before `until` in the tenant's whole budget (Criteo asked
-    /// for a pause). Turns already given are kept; the next ones follow
-    /// `until`, spaced by the limit, never in a burst beyond it.
-    #[allow(dead_code)] // For learning from Criteo's 429s.
+    /// for a pause). Turns already given and not yet reached are taken
+    /// again after it ([`Pacing::wait`]); the next ones follow `until`,
+    /// spaced by the limit, never in a burst beyond it.
     pub(crate) fn pause_until(&self, until: Instant) {
         let until = self.nanos(until);
+        self.paused.fetch_max(until, Ordering::AcqRel);
         if let Some(o) = &self.overall {
             o.pause_until(until);
         }
@@ -205,7 +235,6 @@ impl Pacing {
 
     /// Paces the tenant's whole budget to `rate` from now on (Criteo's
     /// `x-ratelimit-limit` says less than configured).
-    #[allow(dead_code)] // For learning from Criteo's 429s.
     pub(crate) fn adopt_limit(&self, rate: Rate) {
         if let Some(o) = &self.overall {
             o.adopt(rate);

@@ -1,6 +1,7 @@
 //! The request path: answer locally what is not for Criteo, choose the
 //! tenant, clean the headers, inject the token, forward, and replay once
-//! with a fresh token on a 401. An error answered before the client's body
+//! with a fresh token on a 401 (or, for a tenant with a limit, after the
+//! pause Criteo's 429 asks for: [`throttled`]). An error answered before the client's body
 //! has been read leaves its connection usable ([`Proxy::settle`]).
 
 mod access;
@@ -10,6 +11,7 @@ pub(crate) mod headers;
 mod local;
 mod send;
 mod settle;
+mod throttled;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

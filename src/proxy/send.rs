@@ -1,6 +1,7 @@
 //! Phase 4, send: the body kept for a replay (or streamed), a place on an
 //! upstream connection, the request sent with its answer bounded in time,
-//! and replayed once with a fresh token on a 401.
+//! and replayed once with a fresh token on a 401, or after a pause on
+//! Criteo's 429 to a tenant with a limit ([`super::throttled`]).
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Either, Limited};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
 use super::settle::{Failed, Leftover};
@@ -20,18 +21,20 @@ use crate::tenant::Tenant;
 use crate::token::Newer;
 use crate::upstream::{Slot, UpstreamBody};
 
-/// How much of a 401's body is read (and dropped) before the replay, so
-/// that the pooled connection can be reused.
-const DRAIN_LIMIT: usize = 64 * 1024;
+/// How much of a 401's (or 429's) body is read (and dropped) before the
+/// replay, so that the pooled connection can be reused.
+pub(super) const DRAIN_LIMIT: usize = 64 * 1024;
 
 /// What a replay sends again.
 #[derive(Debug)]
-struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    bytes: Bytes,
-    generation: u64,
+pub(super) struct Replay {
+    pub(super) method: Method,
+    pub(super) uri: Uri,
+    pub(super) headers: HeaderMap,
+    pub(super) bytes: Bytes,
+    pub(super) generation: u64,
+    /// The client's path, which the tenant's pacing goes by.
+    pub(super) path: String,
 }
 
 // === impl Proxy ===
@@ -88,8 +91,10 @@ impl Proxy {
         };
         let bytes = match prepared {
             Prepared::Streaming(body, end) => {
+                let path = parts.uri.path();
                 let req = outgoing(parts.method, uri, parts.headers, body);
-                let sent = self.send_streamed(tenant, slot, req, end, generation, upstream_time);
+                let sent =
+                    self.send_streamed(tenant, slot, req, end, generation, path, upstream_time);
                 return Box::pin(sent).await;
             }
             Prepared::Replayable(bytes) => bytes,
@@ -101,21 +106,33 @@ impl Proxy {
             parts.headers.clone(),
             OutBody::full(bytes.clone()),
         );
-        let resp = self
+        let mut resp = self
             .send(tenant, slot, first, None, upstream_time)
             .await
             .map_err(Failed::read)?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
+        let throttled = resp.status() == StatusCode::TOO_MANY_REQUESTS;
+        if resp.status() != StatusCode::UNAUTHORIZED && !throttled {
             return Ok(resp.map(Either::Left));
         }
-        let again = Replay {
+        let mut again = Replay {
             method: parts.method,
             uri,
             headers: parts.headers,
             bytes,
             generation,
+            path: parts.uri.path().to_owned(),
         };
-        Box::pin(self.replay(tenant, resp, again, upstream_time)).await
+        if !throttled {
+            resp = Box::pin(self.replay(tenant, resp, &mut again, upstream_time)).await?;
+        }
+        // A tenant without a limit gets Criteo's 429 back as it came.
+        if let Some(pacing) = tenant.pacing.as_deref()
+            && resp.status() == StatusCode::TOO_MANY_REQUESTS
+        {
+            resp =
+                Box::pin(self.throttled(tenant, pacing, resp, &mut again, upstream_time)).await?;
+        }
+        Ok(resp.map(Either::Left))
     }
 
     /// The token was refused: drop it (if nobody has yet), get a newer
@@ -126,18 +143,11 @@ impl Proxy {
         &self,
         tenant: &Tenant,
         resp: Response<UpstreamBody>,
-        again: Replay,
+        again: &mut Replay,
         upstream_time: &mut Option<Duration>,
-    ) -> Result<Response<ResponseBody>, Failed> {
-        let Replay {
-            method,
-            uri,
-            mut headers,
-            bytes,
-            generation,
-        } = again;
-        let drain = Limited::new(resp.into_body(), DRAIN_LIMIT).collect();
-        let _ = tokio::time::timeout(self.upstream.timeout(), drain).await;
+    ) -> Result<Response<UpstreamBody>, Failed> {
+        let generation = again.generation;
+        self.drain(resp).await;
         tenant.tokens.retire(generation);
         tenant.metrics.retry();
         tracing::info!(
@@ -150,22 +160,28 @@ impl Proxy {
             .wait_usable(Newer::Than(generation), self.wait_timeout)
             .await
             .map_err(|u| Failed::read(unavailable(tenant, u)))?;
-        headers.insert(AUTHORIZATION, fresh.header().clone());
+        again.headers.insert(AUTHORIZATION, fresh.header().clone());
+        again.generation = fresh.generation();
         let slot = self
             .upstream
             .acquire()
             .await
             .map_err(|busy| Failed::read(ProxyError::UpstreamBusy(busy.0)))?;
-        let second = outgoing(method, uri, headers, OutBody::full(bytes));
-        Ok(self
-            .send(tenant, slot, second, None, upstream_time)
+        let second = outgoing(
+            again.method.clone(),
+            again.uri.clone(),
+            again.headers.clone(),
+            OutBody::full(again.bytes.clone()),
+        );
+        self.send(tenant, slot, second, None, upstream_time)
             .await
-            .map_err(Failed::read)?
-            .map(Either::Left))
+            .map_err(Failed::read)
     }
 
     /// A streamed body cannot be replayed; a 401 still retires the token,
-    /// so that the next request gets a fresh one.
+    /// so that the next request gets a fresh one, and a 429 still pauses
+    /// a tenant with a limit (and goes back as it came).
+    #[allow(clippy::too_many_arguments)] // The request's parts, as `forward` has them.
     async fn send_streamed(
         &self,
         tenant: &Tenant,
@@ -173,6 +189,7 @@ impl Proxy {
         req: Request<OutBody>,
         mut end: BodyEnd,
         generation: u64,
+        path: &str,
         upstream_time: &mut Option<Duration>,
     ) -> Result<Response<ResponseBody>, Failed> {
         match self
@@ -187,6 +204,11 @@ impl Proxy {
                         generation,
                         "upstream answered 401 to a streamed request (not replayable); token retired"
                     );
+                }
+                if let Some(pacing) = tenant.pacing.as_deref()
+                    && resp.status() == StatusCode::TOO_MANY_REQUESTS
+                {
+                    self.learn(tenant, pacing, path, resp.headers());
                 }
                 Ok(resp.map(Either::Left))
             }
@@ -221,7 +243,7 @@ impl Proxy {
     /// complete body, once `end` says so for a streamed one (an upload
     /// takes as long as the client takes, each gap bounded by
     /// `server.body_read_timeout`).
-    async fn send(
+    pub(super) async fn send(
         &self,
         tenant: &Tenant,
         slot: Slot,
@@ -279,7 +301,12 @@ fn body_error(e: BodyError) -> ProxyError {
     }
 }
 
-fn outgoing(method: Method, uri: Uri, headers: HeaderMap, body: OutBody) -> Request<OutBody> {
+pub(super) fn outgoing(
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: OutBody,
+) -> Request<OutBody> {
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
