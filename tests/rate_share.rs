@@ -157,9 +157,11 @@ async fn without_a_shared_store_the_same_load_gets_429s_from_criteo() {
     for r in &replicas {
         wait_share(r, "1/1").await;
     }
-    let (sent, failed) = load(&replicas).await;
+    // Criteo answers 429s (each replica then pauses and replays, so the
+    // clients may still end 200: what the share avoids is Criteo's 429s).
+    let (sent, _failed) = load(&replicas).await;
     assert!(
-        fake.rate_limited() > 0 && failed > 0,
+        fake.rate_limited() > 0,
         "three replicas each at the whole limit: {sent} sent, {} 429 from Criteo",
         fake.rate_limited()
     );
