@@ -172,6 +172,16 @@ client_secret = "bench"
 EOC
 }
 
+# add_tenants N LAZY: appends tenants t2..tN (client credentials) to
+# $work/proxy.toml, and refresh.lazy = true when LAZY is 1.
+add_tenants() {
+  if (( $2 )); then printf '[refresh]\nlazy = true\n' >> "$work/proxy.toml"; fi
+  local i
+  for i in $(seq 2 "$1"); do
+    printf '[tenants.t%d]\ngrant = "client_credentials"\nclient_id = "bench-%d"\nclient_secret = "bench"\n' "$i" "$i"
+  done >> "$work/proxy.toml"
+}
+
 start_upstream() {
   "$NGINX" -p "$work/up" -c "$work/up/nginx.conf" -g 'daemon off;' 2>"$work/up/stderr" &
   UP_PID=$!; pids+=("$UP_PID")

@@ -39,10 +39,7 @@ write_nginx_proxy_conf "worker_processes auto;"
 write_proxy_conf
 # More tenants (the load still goes to "main"): what memory and the request
 # path cost when many tenants are configured.
-if (( LAZY )); then printf '[refresh]\nlazy = true\n' >> "$work/proxy.toml"; fi
-for i in $(seq 2 "$TENANTS"); do
-  printf '[tenants.t%d]\ngrant = "client_credentials"\nclient_id = "bench-%d"\nclient_secret = "bench"\n' "$i" "$i"
-done >> "$work/proxy.toml"
+add_tenants "$TENANTS" "$LAZY"
 
 start_upstream
 "$NGINX" -p "$work/ngx" -c "$work/ngx/nginx.conf" -g 'daemon off;' 2>"$work/ngx/stderr" &
