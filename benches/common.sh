@@ -5,7 +5,13 @@
 # header, and criteo-token-proxy. Everything listens on 127.0.0.1 only.
 #
 # After sourcing: $NGINX, $PROXY_BIN, $work (removed on exit), pids (killed
-# on exit), ports $UP $NGX $CTP $ADM, and the functions below.
+# on exit), ports $UP $NGX $CTP $ADM $UPS, and the functions below.
+#
+# TLS=1 (before sourcing, then call make_certs): the upstream serves HTTPS
+# with HTTP/2 offered by ALPN, from a certificate for 127.0.0.1 signed by a
+# throwaway CA that both proxies trust. $UPS is the upstream's plain-HTTP
+# stub_status listener (its "accepts" counter: connections opened to it).
+# PROXY_BIN=path: use that binary instead of building.
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,8 +33,11 @@ need() {
   NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 }
 
-cargo build --release --quiet
-PROXY_BIN=target/release/criteo-token-proxy
+TLS=${TLS:-0}
+if [ -z "${PROXY_BIN:-}" ]; then
+  cargo build --release --quiet
+  PROXY_BIN=target/release/criteo-token-proxy
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -40,7 +49,37 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(free_port); NGX=$(free_port); CTP=$(free_port); ADM=$(free_port)
+UP=$(free_port); NGX=$(free_port); CTP=$(free_port); ADM=$(free_port); UPS=$(free_port)
+if (( TLS )); then UPSCHEME=https; else UPSCHEME=http; fi
+
+# make_certs: $work/tls/ca.pem (a throwaway CA) and a leaf for IP 127.0.0.1
+# signed by it (rustls refuses a self-signed leaf used as its own root).
+make_certs() {
+  need openssl
+  local d="$work/tls"
+  mkdir -p "$d"
+  printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > "$d/leaf.ext"
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$d/ca.key" -out "$d/ca.pem" \
+    -days 2 -subj /CN=bench-ca 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -keyout "$d/key.pem" -out "$d/leaf.csr" \
+    -subj /CN=127.0.0.1 2>/dev/null
+  openssl x509 -req -in "$d/leaf.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+    -out "$d/crt.pem" -days 2 -extfile "$d/leaf.ext" 2>/dev/null
+}
+
+# up_accepts: connections the upstream has accepted so far (stub_status; the
+# query's own connection included).
+up_accepts() { curl -fs "http://127.0.0.1:$UPS/status" | awk 'NR==3 {print $1}'; }
+
+# up_conns PID: established TCP connections from PID (and its children) to
+# the upstream's port, now.
+up_conns() {
+  local p n=0
+  for p in "$1" $(pgrep -P "$1" || true); do
+    n=$(( n + $(ss -tnpH state established "( dport = :$UP )" 2>/dev/null | grep -c "pid=$p," || true) ))
+  done
+  echo "$n"
+}
 
 TOKEN='eyJhbGciOiJSUzI1NiJ9.benchmark-token-of-realistic-shape.c2lnbmF0dXJl'
 ANSWER='{"data":[{"id":"1234","type":"Advertiser","attributes":{"advertiserName":"bench","currency":"EUR"}}]}'
@@ -57,7 +96,21 @@ http {
   access_log off;
   keepalive_requests 1000000;
   server {
-    listen 127.0.0.1:$UP;
+    listen 127.0.0.1:$UPS;
+    location = /status { stub_status; }
+  }
+  server {
+    $(if (( TLS )); then
+      # nginx 1.22 (Debian 12) has no "http2 on;" (1.25.1+): the listen flag.
+      echo "listen 127.0.0.1:$UP ssl http2;"
+      echo "    ssl_certificate $work/tls/crt.pem;"
+      echo "    ssl_certificate_key $work/tls/key.pem;"
+      echo "    ssl_session_cache shared:up:1m;"
+      echo "    http2_max_requests 100000000;"
+      echo "    http2_max_concurrent_streams 1024;"
+    else
+      echo "listen 127.0.0.1:$UP;"
+    fi)
     location = /oauth2/token {
       default_type application/json;
       return 200 '{"access_token":"$TOKEN","token_type":"Bearer","expires_in":900}';
@@ -83,12 +136,18 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  upstream criteo { server 127.0.0.1:$UP; keepalive 128; }
+  # keepalive_requests here: the upstream block's own, 1000 by default, would
+  # close and reopen (with TLS: handshake) each connection every 1000 requests.
+  upstream criteo { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$NGX;
     location / {
-      proxy_pass http://criteo;
-      proxy_http_version 1.1;
+      proxy_pass $UPSCHEME://criteo;
+      proxy_http_version 1.1;$(if (( TLS )); then printf '%s' "
+      proxy_ssl_trusted_certificate $work/tls/ca.pem;
+      proxy_ssl_verify on;
+      proxy_ssl_name 127.0.0.1;
+      proxy_ssl_session_reuse on;"; fi)
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer $TOKEN";
     }
@@ -105,13 +164,24 @@ listen = "127.0.0.1:$CTP"
 admin_listen = "127.0.0.1:$ADM"
 default_tenant = "main"
 [upstream]
-url = "http://127.0.0.1:$UP"
-token_url = "http://127.0.0.1:$UP/oauth2/token"
+url = "$UPSCHEME://127.0.0.1:$UP"
+token_url = "$UPSCHEME://127.0.0.1:$UP/oauth2/token"
+$(if (( TLS )); then echo "ca_file = \"$work/tls/ca.pem\""; fi)
 [tenants.main]
 grant = "client_credentials"
 client_id = "bench"
 client_secret = "bench"
 EOC
+}
+
+# add_tenants N LAZY: appends tenants t2..tN (client credentials) to
+# $work/proxy.toml, and refresh.lazy = true when LAZY is 1.
+add_tenants() {
+  if (( $2 )); then printf '[refresh]\nlazy = true\n' >> "$work/proxy.toml"; fi
+  local i
+  for i in $(seq 2 "$1"); do
+    printf '[tenants.t%d]\ngrant = "client_credentials"\nclient_id = "bench-%d"\nclient_secret = "bench"\n' "$i" "$i"
+  done >> "$work/proxy.toml"
 }
 
 start_upstream() {

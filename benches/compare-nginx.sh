@@ -8,9 +8,19 @@
 #   ROUNDS=3 DURATION=5s CONNS=64 benches/compare-nginx.sh
 #   TENANTS=10000 benches/compare-nginx.sh          # 9,999 more tenants configured
 #   TENANTS=10000 LAZY=1 benches/compare-nginx.sh   # ... with refresh.lazy = true
+#   TLS=1 benches/compare-nginx.sh           # the upstream over HTTPS, HTTP/2 by ALPN
+#   PROXY_BIN=/path/to/criteo-token-proxy ...       # that binary, no cargo build
 #
-# Prints requests/s, p50/p99 latency, non-2xx responses and peak RSS for both,
-# and their ratios. Installs nginx and wrk from Debian's packages if missing.
+# Prints requests/s, p50/p99 latency, non-2xx responses, CPU per request of
+# each proxy process (user + system from /proc/PID/stat around each round),
+# peak RSS, and the upstream connections each proxy opened (the upstream's
+# stub_status "accepts" counter around each round: only the proxy under test
+# talks to it then) and held at the round's end (ss, by pid), and the ratios.
+# With TLS=1 the upstream nginx serves HTTPS with HTTP/2 offered by ALPN from
+# a throwaway CA's certificate for 127.0.0.1; criteo-token-proxy trusts the CA
+# through upstream.ca_file, nginx through proxy_ssl_trusted_certificate (and
+# speaks HTTP/1.1 to it: nginx proxies never use HTTP/2 upstream).
+# Installs nginx, wrk (and openssl) from Debian's packages if missing.
 # Everything listens on 127.0.0.1 only.
 set -euo pipefail
 
@@ -23,15 +33,13 @@ LAZY=${LAZY:-0}
 # shellcheck source=benches/common.sh
 source "$(dirname "$0")/common.sh"
 need nginx wrk
+if (( TLS )); then make_certs; fi
 write_upstream_conf
 write_nginx_proxy_conf "worker_processes auto;"
 write_proxy_conf
 # More tenants (the load still goes to "main"): what memory and the request
 # path cost when many tenants are configured.
-if (( LAZY )); then printf '[refresh]\nlazy = true\n' >> "$work/proxy.toml"; fi
-for i in $(seq 2 "$TENANTS"); do
-  printf '[tenants.t%d]\ngrant = "client_credentials"\nclient_id = "bench-%d"\nclient_secret = "bench"\n' "$i" "$i"
-done >> "$work/proxy.toml"
+add_tenants "$TENANTS" "$LAZY"
 
 start_upstream
 "$NGINX" -p "$work/ngx" -c "$work/ngx/nginx.conf" -g 'daemon off;' 2>"$work/ngx/stderr" &
@@ -70,7 +78,8 @@ cpu_ticks() {
 # (its subshell's reaped-children time), so the whole chain's cost per
 # request is known.
 run_wrk() { # name port round pid
-  local out="$work/$1.$3.txt" pu0 ps0 pu1 ps1 uu0 us0 uu1 us1
+  local out="$work/$1.$3.txt" pu0 ps0 pu1 ps1 uu0 us0 uu1 us1 a0 a1 held
+  a0=$(up_accepts)
   read -r pu0 ps0 < <(cpu_ticks "$4"); read -r uu0 us0 < <(cpu_ticks "$UP_PID")
   (
     wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/2024-10/advertisers/me" > "$out" 2>&1
@@ -78,11 +87,15 @@ run_wrk() { # name port round pid
     echo "wrk_ticks $(( f[15] + f[16] ))" >> "$out"
   )
   read -r pu1 ps1 < <(cpu_ticks "$4"); read -r uu1 us1 < <(cpu_ticks "$UP_PID")
+  held=$(up_conns "$4"); a1=$(up_accepts)
+  echo "up_conns $(( a1 - a0 - 1 )) $held" >> "$out"
   echo "cpu_ticks $(( pu1 - pu0 )) $(( ps1 - ps0 )) $(( uu1 + us1 - uu0 - us0 )) $(getconf CLK_TCK)" >> "$out"
 }
 
 echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version)"
 echo "load: wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $ROUNDS alternating rounds; $TENANTS tenant(s) configured$( (( LAZY )) && echo ', refresh.lazy')"
+if (( TLS )); then echo "upstream: HTTPS (TLS, HTTP/2 offered by ALPN), nginx proxy_pass https:// with keepalive 128"
+else echo "upstream: plain HTTP/1.1, nginx proxy_pass http:// with keepalive 128"; fi
 run_wrk warmup-nginx "$NGX" 0 "$NGX_PID" || true
 run_wrk warmup-proxy "$CTP" 0 "$CTP_PID" || true
 for r in $(seq "$ROUNDS"); do
@@ -103,20 +116,28 @@ def parse(path):
     reqs = int(re.search(r"(\d+) requests in", t).group(1))
     user, system, up, hz = map(int, re.search(r"cpu_ticks (\d+) (\d+) (\d+) (\d+)", t).groups())
     wrk_ticks = int(re.search(r"wrk_ticks (\d+)", t).group(1))
+    opened, held = map(int, re.search(r"up_conns (-?\d+) (\d+)", t).groups())
     us = lambda ticks: ticks / hz * 1e6 / max(reqs, 1)
-    return rps, lat["50"], lat["99"], non2xx, errs, us(user + system), us(user), us(system), us(up), us(wrk_ticks)
+    return rps, lat["50"], lat["99"], non2xx, errs, us(user + system), us(user), us(system), us(up), us(wrk_ticks), opened, held
 rows = {n: [parse(f"{work}/{n}.{r}.txt") for r in range(1, rounds + 1)] for n in ("nginx", "proxy")}
-print(f"\n{'round':>5} {'':>20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'errors':>7} {'CPU us/req':>10}")
+print(f"\n{'round':>5} {'':>20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'errors':>7} {'CPU us/req':>10} {'up opened':>9} {'up held':>7}")
 for r in range(rounds):
     for n, label in (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy")):
         rps, p50, p99, bad, errs, cpu = rows[n][r][:6]
-        print(f"{r+1:>5} {label:>20} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {bad:>8} {errs:>7} {cpu:>10.1f}")
-med = {n: [statistics.median(x[i] for x in rows[n]) for i in range(10)] for n in rows}
+        opened, held = rows[n][r][10:12]
+        print(f"{r+1:>5} {label:>20} {rps:>10.0f} {p50:>8.3f} {p99:>8.3f} {bad:>8} {errs:>7} {cpu:>10.1f} {opened:>9} {held:>7}")
+def warm_opened(n):
+    m = re.search(r"up_conns (-?\d+)", open(f"{work}/warmup-{n}.0.txt").read())
+    return int(m.group(1)) if m else 0
+med = {n: [statistics.median(x[i] for x in rows[n]) for i in range(12)] for n in rows}
 tot = {n: (sum(x[3] for x in rows[n]), sum(x[4] for x in rows[n])) for n in rows}
 print("\nmedian over rounds:")
 for n, label, kib in (("nginx", "nginx (static token)", ngx_kib), ("proxy", "criteo-token-proxy", ctp_kib)):
     rps, p50, p99, cpu = (med[n][i] for i in (0, 1, 2, 5))
     print(f"  {label:>20}: {rps:>9.0f} req/s  p50 {p50:.3f} ms  p99 {p99:.3f} ms  non-2xx {tot[n][0]}  errors {tot[n][1]}  CPU {cpu:.1f} us/req  peak RSS {kib/1024:.1f} MiB")
+print("\nupstream connections opened (warm-up round, then the measured rounds) and held at each round's end:")
+for n, label in (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy")):
+    print(f"  {label:>20}: warm-up {warm_opened(n)}, measured rounds {sum(x[10] for x in rows[n])}; held {max(x[11] for x in rows[n])} at most")
 print(f"\nratios (criteo-token-proxy / nginx): req/s {med['proxy'][0]/med['nginx'][0]:.2f}x  "
       f"p50 {med['proxy'][1]/med['nginx'][1]:.2f}x  p99 {med['proxy'][2]/med['nginx'][2]:.2f}x  "
       f"CPU/req {med['proxy'][5]/med['nginx'][5]:.2f}x  peak RSS {ctp_kib/max(ngx_kib,1):.2f}x")
