@@ -6,7 +6,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::process::{Running, command, write};
+use support::process::{Running, command, free_port, write};
 use support::{FakeCriteo, client};
 
 const ACME_ID: &str = "acme-id";
@@ -48,12 +48,6 @@ redirect_uri = "http://{admin}/oauth/callback"
             ""
         },
     )
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
 }
 
 #[tokio::test]

@@ -10,17 +10,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::postgres::Postgres;
-use support::process::{Running, command, write};
+use support::process::{Running, command, free_port, write};
 use support::{FakeCriteo, client};
 
 const ACME_ID: &str = "acme-id";
 const ACME_SECRET: &str = "acme-secret";
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
 
 /// One replica's config: its own admin port, everything else shared
 /// (the consent callback goes to `callback_admin`).

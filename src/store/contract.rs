@@ -52,7 +52,6 @@ pub(crate) struct Changed {
 /// it with the refresh token, so that the other replicas serve it instead
 /// of rotating the refresh token themselves. Embedded stores drop it.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // read by the shared store
 pub(crate) struct Access {
     pub token: SecretString,
     /// When the token request that got it was sent (its lifetime counts
@@ -70,7 +69,6 @@ pub(crate) struct Record {
     pub rejected: bool,
     pub generation: Generation,
     /// Shared stores only: the access token stored with `refresh_token`.
-    #[allow(dead_code)] // read by the shared store
     pub access: Option<Access>,
 }
 
@@ -81,6 +79,23 @@ pub(crate) struct Listed {
     /// Empty in a record written by a release that did not record it.
     pub client_id: String,
     pub record: Record,
+}
+
+impl Listed {
+    /// Every record of a by-name map of `(client_id, record)`, as the
+    /// embedded stores keep them.
+    pub(crate) fn all_of(
+        tenants: &std::collections::HashMap<String, (String, Record)>,
+    ) -> Vec<Self> {
+        tenants
+            .iter()
+            .map(|(name, (client_id, record))| Listed {
+                name: name.clone(),
+                client_id: client_id.clone(),
+                record: record.clone(),
+            })
+            .collect()
+    }
 }
 
 /// What a conditional put writes.
@@ -94,7 +109,6 @@ pub(crate) struct Put<'a> {
     pub adopt_seed: bool,
     /// The access token that came with `refresh_token` (kept by shared
     /// stores only).
-    #[allow(dead_code)] // read by the shared store
     pub access: Option<&'a Access>,
 }
 
@@ -129,12 +143,10 @@ impl fmt::Debug for Lease {
 /// Tenants whose record another process changed: the shared store's
 /// replicas learn of a new token (or a refused one) from it.
 #[derive(Debug)]
-#[allow(dead_code)] // until the shared store
 pub(crate) struct Changes {
     rx: Option<tokio::sync::mpsc::Receiver<Changed>>,
 }
 
-#[allow(dead_code)] // until the shared store
 impl Changes {
     /// A feed with nothing to tell: a store no other process writes.
     pub(crate) fn never() -> Self {
@@ -142,7 +154,6 @@ impl Changes {
     }
 
     /// A feed fed by the store's own task.
-    #[allow(dead_code)]
     pub(crate) fn from(rx: tokio::sync::mpsc::Receiver<Changed>) -> Self {
         Self { rx: Some(rx) }
     }
@@ -159,7 +170,6 @@ impl Changes {
 
 /// Where refresh tokens live. Losing the newest one loses the tenant: a
 /// put returns only once the token is durable.
-#[allow(dead_code)] // `shared`, `changes`, `problem`: until the shared store
 pub(crate) trait TokenStore: Send + Sync + fmt::Debug {
     /// Where the store is, for messages (never a secret).
     fn location(&self) -> String;
@@ -225,7 +235,6 @@ pub(super) struct Leases(Mutex<HashMap<Box<str>, Arc<tokio::sync::Mutex<()>>>>);
 
 impl Lease {
     /// A lease held while `held` lives (a guard, a task's handle …).
-    #[allow(dead_code)]
     pub(crate) fn new(held: impl Send + Sync + 'static) -> Self {
         Self {
             _held: Box::new(held),

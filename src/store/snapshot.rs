@@ -162,16 +162,7 @@ impl TokenStore for Snapshot {
     }
 
     fn all(&self) -> BoxFuture<'_, io::Result<Vec<Listed>>> {
-        let all = self
-            .tenants
-            .iter()
-            .map(|(name, (client_id, record))| Listed {
-                name: name.clone(),
-                client_id: client_id.clone(),
-                record: record.clone(),
-            })
-            .collect();
-        Box::pin(std::future::ready(Ok(all)))
+        Box::pin(std::future::ready(Ok(Listed::all_of(&self.tenants))))
     }
 
     fn presented_seeds(&self) -> BoxFuture<'_, io::Result<Vec<String>>> {

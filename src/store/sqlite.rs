@@ -380,16 +380,7 @@ impl TokenStore for SqliteStore {
 
     fn all(&self) -> BoxFuture<'_, io::Result<Vec<Listed>>> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let all = cache
-            .tenants
-            .iter()
-            .map(|(name, (client_id, record))| Listed {
-                name: name.clone(),
-                client_id: client_id.clone(),
-                record: record.clone(),
-            })
-            .collect();
-        Box::pin(std::future::ready(Ok(all)))
+        Box::pin(std::future::ready(Ok(Listed::all_of(&cache.tenants))))
     }
 
     fn presented_seeds(&self) -> BoxFuture<'_, io::Result<Vec<String>>> {

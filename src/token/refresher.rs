@@ -219,13 +219,7 @@ impl Schedule {
             renew_in = ?self.next.saturating_duration_since(Instant::now()),
             "access token obtained"
         );
-        target.cell.publish(token);
-        target.cell.set_health(Health {
-            state: State::Ready,
-            last_refresh: Some(SystemTime::now()),
-            last_error: None,
-            retry_at: None,
-        });
+        in_service(&target.cell, token);
         target.metrics.refresh(RefreshOutcome::Success);
     }
 
@@ -256,13 +250,7 @@ impl Schedule {
             generation = token.generation(),
             "access token taken from the shared store"
         );
-        cell.publish(token);
-        cell.set_health(Health {
-            state: State::Ready,
-            last_refresh: Some(SystemTime::now()),
-            last_error: None,
-            retry_at: None,
-        });
+        in_service(cell, token);
     }
 
     fn failed(&mut self, target: &Target, err: &GrantError, cfg: &RefreshConfig) {
@@ -307,6 +295,17 @@ impl Schedule {
         });
         target.metrics.refresh(outcome);
     }
+}
+
+/// Puts `token` in service: the tenant is ready, refreshed now.
+fn in_service(cell: &TokenCell, token: Token) {
+    cell.publish(token);
+    cell.set_health(Health {
+        state: State::Ready,
+        last_refresh: Some(SystemTime::now()),
+        last_error: None,
+        retry_at: None,
+    });
 }
 
 /// Exponential back-off from one second, capped, with "equal jitter": a

@@ -29,6 +29,13 @@ pub fn fake_config(fake: &super::FakeCriteo, tenants: &str) -> String {
     )
 }
 
+/// A loopback address whose port was free a moment ago (for a listener
+/// whose address must be known before the process starts).
+pub fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
 /// Writes `text` to `dir/name`.
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
