@@ -64,6 +64,10 @@ SATURATION=${SATURATION:-5s}
 WRK_THREADS=${WRK_THREADS:-2}
 OHA_THREADS=${OHA_THREADS:-1}
 OHA_VERSION=1.16.0
+# Whole seconds (the measured window is cut from oha's records in seconds),
+# checked before common.sh builds anything.
+secs() { case $1 in *[!0-9]*s|*[!0-9s]*|s|'') echo "$2=$1: whole seconds, like 10s" >&2; exit 2;; esac; echo "${1%s}"; }
+D=$(secs "$DURATION" DURATION); W=$(secs "$WARMUP" WARMUP); T=$(secs "$TAIL" TAIL)
 # shellcheck source=benches/common.sh
 source "$(dirname "$0")/common.sh"
 need nginx wrk
@@ -78,8 +82,6 @@ if [ -z "${OHA:-}" ]; then
     cargo install oha --version "$OHA_VERSION" --locked --quiet --root "$oha_root"
   fi
 fi
-secs() { case $1 in *[!0-9]*s|*[!0-9s]*|s|'') echo "$2=$1: whole seconds, like 10s" >&2; exit 2;; esac; echo "${1%s}"; }
-D=$(secs "$DURATION" DURATION); W=$(secs "$WARMUP" WARMUP); T=$(secs "$TAIL" TAIL)
 
 if (( TLS )); then make_certs; fi
 write_upstream_conf
