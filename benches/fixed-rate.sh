@@ -217,7 +217,8 @@ for l in loads:
 
 late = [f"{n} round {r} at {l} %" for (n, r, l), s in res.items() if s["lag"] > LAG_MS]
 if late:
-    print(f"\nwarning (~): oha fell behind its schedule by more than {LAG_MS:.0f} ms (p99.9) in: " + ", ".join(late)
+    print(f"\nwarning (~): oha fell behind its schedule by more than {LAG_MS:.0f} ms (p99.9) in: "
+          + ("every step" if len(late) == len(res) else ", ".join(late))
           + "\n(its clock starts when a request's stamp is taken: that lag is not in the percentiles; a busy machine?)")
 bad = [f"{n} round {r} at {l} %" for (n, r, l), s in res.items() if not s["ok"]]
 if bad:
