@@ -32,7 +32,7 @@
 # oha runs one tokio worker thread (OHA_THREADS=1): it shares the two cores
 # with the parties it measures, and with one thread it costs less (measured
 # here, 50,000 requests at 10,000/s to a static nginx, 3 runs each: 18 us of
-# CPU and 0.12 voluntary context switches per request, against 24 us and
+# CPU and 0.12 voluntary context switches per request, against 23 us and
 # 0.44 with two threads); its lag shows whether one thread keeps up.
 #
 # Each step runs $CONNS connections (the same for both proxies; each takes the
