@@ -6,6 +6,8 @@
 //! used by tests, local stand-ins and meshes that originate TLS, or TLS
 //! servers that chose HTTP/1.1) are kept in a last-in-first-out idle list
 //! and come back to it when their response body has been read to the end.
+//! An HTTP/2 connection runs in a task of its own; an HTTP/1.1 connection
+//! has none: the request that uses it drives it ([`h1`]).
 //!
 //! This replaces hyper-util's legacy client, which is built for a pool
 //! shared between threads and pays for it on every request: a keyed map
@@ -20,6 +22,7 @@
 //! `upstream.connect_timeout`, then gets `503 upstream_busy`.
 
 mod body;
+mod h1;
 mod pool;
 mod tls;
 
@@ -29,7 +32,6 @@ use std::time::Duration;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::client::conn::http1;
 
 pub(crate) use body::UpstreamBody;
 pub(crate) use pool::Slot;
@@ -201,17 +203,18 @@ impl Upstream {
             }
         }
         // HTTP/1.1: the connection that went idle last.
-        while let Some(mut tx) = inner.checkout() {
-            if !tx.is_ready() {
-                // Still busy (a request body still going up after an early
-                // answer, or the connection not yet past its last
-                // response): never wait behind it.
-                Self::when_ready(tx, &self.inner);
+        while let Some(mut h1) = inner.checkout() {
+            if !h1.is_ready() {
+                // Still sending an earlier request's body after its
+                // answer: never wait behind it.
+                inner.release_when_ready(h1);
                 continue;
             }
             inner.origin_form(&mut req);
-            match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(UpstreamBody::pooled(resp, tx, slot)),
+            match h1.send(req).await {
+                Ok(resp) => return Ok(UpstreamBody::pooled(resp, h1, slot)),
+                // Not written (the upstream had closed the connection):
+                // on the next one.
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
                     None => return Err(e.into_error().into()),
@@ -222,10 +225,10 @@ impl Upstream {
         // ten times the size of the rest, and would otherwise be copied
         // with every request's future.
         match Box::pin(inner.connect()).await? {
-            Conn::H1(mut tx) => {
+            Conn::H1(mut h1) => {
                 inner.origin_form(&mut req);
-                let resp = tx.send_request(req).await?;
-                Ok(UpstreamBody::pooled(resp, tx, slot))
+                let resp = h1.send(req).await.map_err(|e| e.into_error())?;
+                Ok(UpstreamBody::pooled(resp, h1, slot))
             }
             Conn::H2(mut tx) => {
                 inner.absolute_form(&mut req);
@@ -233,16 +236,5 @@ impl Upstream {
                 Ok(UpstreamBody::unpooled(resp, slot))
             }
         }
-    }
-
-    /// Puts a busy connection back in the pool once it can take a request
-    /// (dropped if it closes instead).
-    fn when_ready(mut tx: http1::SendRequest<OutBody>, pool: &Arc<Pool>) {
-        let pool = Arc::clone(pool);
-        tokio::spawn(async move {
-            if tx.ready().await.is_ok() {
-                pool.release(tx);
-            }
-        });
     }
 }
