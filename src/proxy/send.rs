@@ -19,7 +19,7 @@ use super::{BodyEnd, BodyError, End, OutBody, Prepared, Proxy, ResponseBody, hea
 use crate::error::{self, ProxyError};
 use crate::tenant::Tenant;
 use crate::token::Newer;
-use crate::upstream::{Slot, UpstreamBody};
+use crate::upstream::{SendError, Slot, UpstreamBody};
 
 /// How much of a 401's (or 429's) body is read (and dropped) before the
 /// replay, so that the pooled connection can be reused.
@@ -253,21 +253,25 @@ impl Proxy {
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let timeout = self.upstream.timeout();
         let sent = upstream_time.map(|_| Instant::now());
-        let sending = self.upstream.send(slot, req);
         let answer = match end {
-            None => tokio::time::timeout(timeout, sending).await.ok(),
-            Some(end) => Box::pin(after_body(sending, end, timeout)).await,
+            None => self.upstream.send(slot, req, Some(timeout)).await,
+            Some(end) => {
+                let sending = self.upstream.send(slot, req, None);
+                Box::pin(after_body(sending, end, timeout))
+                    .await
+                    .unwrap_or(Err(SendError::TimedOut))
+            }
         };
         if let (Some(total), Some(sent)) = (upstream_time.as_mut(), sent) {
             *total += sent.elapsed();
         }
         match answer {
-            None => Err(ProxyError::UpstreamTimeout(timeout)),
-            Some(Err(e)) => {
+            Err(SendError::TimedOut) => Err(ProxyError::UpstreamTimeout(timeout)),
+            Err(e) => {
                 tracing::debug!(written = e.maybe_written(), error = %e, "upstream request failed");
                 Err(ProxyError::UpstreamUnreachable(error::chain(&e)))
             }
-            Some(Ok(mut resp)) => {
+            Ok(mut resp) => {
                 headers::sanitize_response(resp.headers_mut());
                 if resp.status() == StatusCode::FORBIDDEN {
                     self.forbidden(tenant);

@@ -25,6 +25,7 @@ use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -34,6 +35,7 @@ use hyper::client::conn::http1;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::http::OutBody;
 
@@ -52,6 +54,23 @@ pub(super) struct Http1 {
     relay: Arc<Relay>,
     /// `relay` as a waker, made once.
     waker: Waker,
+    /// Bounds the wait for an answer (`upstream.timeout`). One per
+    /// connection, moved from request to request: moving a timer to a
+    /// later deadline is one atomic operation, where a timer made and
+    /// dropped per request goes in and out of the runtime's timer wheel.
+    timer: Pin<Box<Sleep>>,
+}
+
+/// Why a request got no answer on a connection.
+#[derive(Debug)]
+pub(super) enum NoAnswer {
+    /// Not written (the connection had closed): it may go on another one.
+    /// (Boxed: rare, and the other variants are small.)
+    Back(Box<Request<OutBody>>, hyper::Error),
+    /// The connection failed while it was being sent or answered.
+    Failed(hyper::Error),
+    /// No answer by the deadline.
+    TimedOut,
 }
 
 /// The waker the connection is polled with: passes its wake-ups on to the
@@ -118,6 +137,7 @@ impl Http1 {
             conn: Some(conn),
             waker: Waker::from(Arc::clone(&relay)),
             relay,
+            timer: Box::pin(tokio::time::sleep(Duration::MAX)),
         })
     }
 
@@ -164,14 +184,19 @@ impl Http1 {
         self.poll_for(None).is_ready()
     }
 
-    /// Sends `req` and drives the connection until its answer's head is in.
-    /// A request the connection did not take comes back in the error: so
-    /// does one sent on a connection the upstream closed while it was
-    /// idle, as the first poll finds the end of stream before it writes.
+    /// Sends `req` and drives the connection until its answer's head is in,
+    /// or `deadline` (if any) has passed. A request the connection did not
+    /// take comes back: so does one sent on a connection the upstream
+    /// closed while it was idle, as the first poll finds the end of stream
+    /// before it writes.
     pub(super) async fn send(
         &mut self,
         req: Request<OutBody>,
-    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<OutBody>>> {
+        deadline: Option<Instant>,
+    ) -> Result<Response<Incoming>, NoAnswer> {
+        if let Some(deadline) = deadline {
+            self.timer.as_mut().reset(deadline);
+        }
         // Muted: handing the request over wakes the connection, which is
         // polled right below.
         self.relay.muted.store(true, Ordering::Relaxed);
@@ -184,12 +209,28 @@ impl Http1 {
         std::future::poll_fn(|cx| {
             // The connection first: it writes the request, and reads the
             // answer that the second poll then finds. Only the connection
-            // waits on anything outside this task (its socket, the client's
-            // body), so only its poll registers this task's waker: the
-            // answer is put in place by that very poll, and registering
-            // for it would wake this task again for nothing.
+            // (and the timer) wait on anything outside this task (its
+            // socket, the client's body), so only they register this
+            // task's waker: the answer is put in place by the connection's
+            // poll, and registering for it would wake this task again for
+            // nothing.
             let _ = self.poll(cx);
-            answer.as_mut().poll(&mut unwoken())
+            if let Poll::Ready(answer) = answer.as_mut().poll(&mut unwoken()) {
+                return Poll::Ready(answer.map_err(|mut e| match e.take_message() {
+                    Some(back) => NoAnswer::Back(Box::new(back), e.into_error()),
+                    None => NoAnswer::Failed(e.into_error()),
+                }));
+            }
+            if deadline.is_some()
+                && self
+                    .timer
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&self.waker))
+                    .is_ready()
+            {
+                return Poll::Ready(Err(NoAnswer::TimedOut));
+            }
+            Poll::Pending
         })
         .await
     }

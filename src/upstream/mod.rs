@@ -32,8 +32,10 @@ use std::time::Duration;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
+use tokio::time::Instant;
 
 pub(crate) use body::UpstreamBody;
+use h1::NoAnswer;
 pub(crate) use pool::Slot;
 use pool::{Conn, Pool, Waiting};
 
@@ -65,13 +67,26 @@ pub(crate) enum SendError {
     /// The connection failed while the request was being sent or answered.
     #[error(transparent)]
     Request(#[from] hyper::Error),
+    /// No answer within the bound the request was sent with.
+    #[error("no answer in time")]
+    TimedOut,
+}
+
+impl From<NoAnswer> for SendError {
+    fn from(e: NoAnswer) -> Self {
+        match e {
+            // A fresh connection that closed at once.
+            NoAnswer::Back(_, e) | NoAnswer::Failed(e) => SendError::Request(e),
+            NoAnswer::TimedOut => SendError::TimedOut,
+        }
+    }
 }
 
 impl SendError {
     /// Whether any of the request may have reached the upstream (a
     /// request that was not is safe to send again).
     pub(crate) fn maybe_written(&self) -> bool {
-        matches!(self, SendError::Request(_))
+        matches!(self, SendError::Request(_) | SendError::TimedOut)
     }
 }
 
@@ -180,20 +195,23 @@ impl Upstream {
     }
 
     /// Sends a request whose URI came from [`Upstream::uri_for`], on a
-    /// pooled connection or a new one. A request that a pooled connection
-    /// could not take (it had just closed) goes on another one; a request
-    /// that was written is never sent twice. The slot stays with the
-    /// response body until it ends.
+    /// pooled connection or a new one, and waits for its answer's head at
+    /// most `bound` (unbounded with `None`: the caller bounds the wait). A
+    /// request that a pooled connection could not take (it had just
+    /// closed) goes on another one; a request that was written is never
+    /// sent twice. The slot stays with the response body until it ends.
     pub(crate) async fn send(
         &self,
         slot: Slot,
         mut req: Request<OutBody>,
+        bound: Option<Duration>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let deadline = bound.and_then(|b| Instant::now().checked_add(b));
         let inner = &self.inner;
         // HTTP/2, once ALPN has chosen it: every request shares the connection.
         if let Some(mut tx) = inner.shared_h2() {
             inner.absolute_form(&mut req);
-            match tx.try_send_request(req).await {
+            match within(deadline, tx.try_send_request(req)).await? {
                 Ok(resp) => return Ok(UpstreamBody::unpooled(resp, slot)),
                 // Not taken (the connection is closing): a new one below.
                 Err(mut e) => match e.take_message() {
@@ -211,30 +229,38 @@ impl Upstream {
                 continue;
             }
             inner.origin_form(&mut req);
-            match h1.send(req).await {
+            match h1.send(req, deadline).await {
                 Ok(resp) => return Ok(UpstreamBody::pooled(resp, h1, slot)),
                 // Not written (the upstream had closed the connection):
                 // on the next one.
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(e.into_error().into()),
-                },
+                Err(NoAnswer::Back(back, _)) => req = *back,
+                Err(e) => return Err(e.into()),
             }
         }
         // A new connection. Boxed: its future (TLS handshake included) is
         // ten times the size of the rest, and would otherwise be copied
         // with every request's future.
-        match Box::pin(inner.connect()).await? {
+        match within(deadline, Box::pin(inner.connect())).await?? {
             Conn::H1(mut h1) => {
                 inner.origin_form(&mut req);
-                let resp = h1.send(req).await.map_err(|e| e.into_error())?;
+                let resp = h1.send(req, deadline).await?;
                 Ok(UpstreamBody::pooled(resp, h1, slot))
             }
             Conn::H2(mut tx) => {
                 inner.absolute_form(&mut req);
-                let resp = tx.send_request(req).await?;
+                let resp = within(deadline, tx.send_request(req)).await??;
                 Ok(UpstreamBody::unpooled(resp, slot))
             }
         }
+    }
+}
+
+/// `f`'s output, if it comes by `deadline`.
+async fn within<F: Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, SendError> {
+    match deadline {
+        None => Ok(f.await),
+        Some(at) => tokio::time::timeout_at(at, f)
+            .await
+            .map_err(|_| SendError::TimedOut),
     }
 }
