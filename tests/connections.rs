@@ -324,8 +324,8 @@ async fn a_busy_answer_to_a_request_with_a_body_keeps_the_client_working() {
 /// kept-alive connection while it is idle, answer a request before reading
 /// its body, or stop in the middle of an answer. By path: `/early` answers
 /// 413 at once and then reads the body; `/half` sends the head and part of
-/// a body, then waits; anything else gets 200 with, as its body, the
-/// number of the connection it came on (from 1).
+/// a body, then waits; `/stall` never answers; anything else gets 200
+/// with, as its body, the number of the connection it came on (from 1).
 struct RawUpstream {
     url: String,
     /// Closes the idle connections numbered up to this.
@@ -418,9 +418,11 @@ async fn serve_raw(
                 s.read_exact(&mut body).await.unwrap();
                 events.send(Event::BodyAfterAnswer(n)).unwrap();
             }
-            "/half" => {
-                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\nstarted";
-                s.get_mut().write_all(answer).await.unwrap();
+            "/half" | "/stall" => {
+                if path == "/half" {
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\nstarted";
+                    s.get_mut().write_all(answer).await.unwrap();
+                }
                 // Nothing more: waits for the proxy to close the connection.
                 while s.read(&mut body).await.is_ok_and(|r| r > 0) {}
                 return;
@@ -438,8 +440,13 @@ async fn serve_raw(
 /// The proxy in front of `up` (tokens from `fake`), one worker so that
 /// every request uses the same pool.
 async fn proxy_to(up: &RawUpstream, fake: &FakeCriteo) -> TestProxy {
+    proxy_with(up, fake, "timeout = \"30s\"").await
+}
+
+async fn proxy_with(up: &RawUpstream, fake: &FakeCriteo, upstream: &str) -> TestProxy {
     let proxy = TestProxy::builder(fake)
         .upstream_url(&up.url)
+        .upstream(upstream)
         .server("workers = 1")
         .server("max_replay_body = \"1KiB\"")
         .start()
@@ -513,4 +520,25 @@ async fn a_connection_answered_before_its_body_was_sent_is_reused_after_it() {
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert_eq!(body, b"1");
     assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test]
+async fn an_answer_late_on_a_reused_connection_is_a_504_after_upstream_timeout() {
+    let fake = FakeCriteo::start().await;
+    let mut up = RawUpstream::start().await;
+    let proxy = proxy_with(&up, &fake, "timeout = \"300ms\"").await;
+    assert_eq!(get_text(&proxy, "/a").await, (200, "1".into()));
+    // The first request's deadline passes while the connection is idle: the
+    // next one's is a deadline of its own.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(get_text(&proxy, "/b").await, (200, "1".into()));
+
+    let resp = tokio::time::timeout(raw::CLOSE_WITHIN, proxy.get("/stall"))
+        .await
+        .expect("answered once upstream.timeout is over");
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["x-criteo-proxy-error"], "upstream_timeout");
+    // The connection is closed, not left in the pool with an answer due.
+    assert_eq!(up.next_event().await, Event::Ended(1));
+    assert_eq!(get_text(&proxy, "/c").await, (200, "2".into()));
 }
