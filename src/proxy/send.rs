@@ -8,8 +8,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{AUTHORIZATION, HOST};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -30,6 +32,8 @@ pub(super) const DRAIN_LIMIT: usize = 64 * 1024;
 pub(super) struct Replay {
     pub(super) method: Method,
     pub(super) uri: Uri,
+    /// Without `Authorization` until a replay puts its token in, and
+    /// without `Host` (the pool sets it).
     pub(super) headers: HeaderMap,
     pub(super) bytes: Bytes,
     pub(super) generation: u64,
@@ -100,10 +104,11 @@ impl Proxy {
             Prepared::Replayable(bytes) => bytes,
         };
 
+        let kept = for_a_replay(&parts.headers);
         let first = outgoing(
             parts.method.clone(),
             uri.clone(),
-            parts.headers.clone(),
+            std::mem::take(&mut parts.headers),
             OutBody::full(bytes.clone()),
         );
         let mut resp = self
@@ -117,7 +122,7 @@ impl Proxy {
         let mut again = Replay {
             method: parts.method,
             uri,
-            headers: parts.headers,
+            headers: kept.into_iter().collect(),
             bytes,
             generation,
             path: parts.uri.path().to_owned(),
@@ -296,6 +301,21 @@ async fn after_body<F: Future>(
         _ = end.wait() => {}
     }
     tokio::time::timeout(timeout, sending).await.ok()
+}
+
+/// What a replay needs of a request's headers, copied before the first
+/// send takes them: all but `Authorization` (a replay puts its own token
+/// in) and `Host` (the pool's to set). Most requests carry few others,
+/// often none, and then nothing is copied (nor allocated).
+fn for_a_replay(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let mut kept = Vec::with_capacity(headers.len().saturating_sub(2));
+    kept.extend(
+        headers
+            .iter()
+            .filter(|(name, _)| *name != AUTHORIZATION && *name != HOST)
+            .map(|(name, value)| (name.clone(), value.clone())),
+    );
+    kept
 }
 
 fn body_error(e: BodyError) -> ProxyError {
