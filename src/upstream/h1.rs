@@ -21,7 +21,7 @@
 //! handed over, and what it hands over is taken with a waker that does
 //! nothing.
 
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
@@ -31,10 +31,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use hyper::client::conn::{TrySendError, http1};
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::task::coop::Unconstrained;
 use tokio::time::{Instant, Sleep};
 
 use crate::http::OutBody;
@@ -60,6 +61,9 @@ pub(super) struct Http1 {
     /// dropped per request goes in and out of the runtime's timer wheel.
     timer: Pin<Box<Sleep>>,
 }
+
+/// What hyper answers a request with.
+type Answer = Result<Response<Incoming>, TrySendError<Request<OutBody>>>;
 
 /// Why a request got no answer on a connection.
 #[derive(Debug)]
@@ -184,28 +188,41 @@ impl Http1 {
         self.poll_for(None).is_ready()
     }
 
-    /// Sends `req` and drives the connection until its answer's head is in,
-    /// or `deadline` (if any) has passed. A request the connection did not
-    /// take comes back: so does one sent on a connection the upstream
-    /// closed while it was idle, as the first poll finds the end of stream
-    /// before it writes.
-    pub(super) async fn send(
+    /// Sends `req`, the first half: hands it over, and returns its answer
+    /// to come, for [`Http1::answer`] to wait for with the connection
+    /// driven. Two halves, so that the caller pins the answer where it
+    /// lies (in every request's future) instead of a second place for the
+    /// request beside it. `deadline` (if any) bounds the wait.
+    pub(super) fn hand_over(
         &mut self,
         req: Request<OutBody>,
         deadline: Option<Instant>,
-    ) -> Result<Response<Incoming>, NoAnswer> {
+    ) -> Unconstrained<impl Future<Output = Answer> + use<>> {
         if let Some(deadline) = deadline {
             self.timer.as_mut().reset(deadline);
         }
         // Muted: handing the request over wakes the connection, which is
-        // polled right below.
+        // polled next.
         self.relay.muted.store(true, Ordering::Relaxed);
         let answer = self.tx.try_send_request(req);
         self.relay.muted.store(false, Ordering::Relaxed);
         // Outside tokio's cooperative budget: polled with a waker that does
         // nothing, a budget-forced `Pending` would never be followed by a
         // wake-up.
-        let mut answer = pin!(tokio::task::coop::unconstrained(answer));
+        tokio::task::coop::unconstrained(answer)
+    }
+
+    /// Sends a request, the second half: drives the connection until the
+    /// answer [`Http1::hand_over`] returned is in, or the deadline given
+    /// there (if `timed`) has passed. A request the connection did not
+    /// take comes back: so does one sent on a connection the upstream
+    /// closed while it was idle, as the first poll finds the end of stream
+    /// before it writes.
+    pub(super) async fn answer<F: Future<Output = Answer>>(
+        &mut self,
+        mut answer: Pin<&mut F>,
+        timed: bool,
+    ) -> Result<Response<Incoming>, NoAnswer> {
         std::future::poll_fn(|cx| {
             // The connection first: it writes the request, and reads the
             // answer that the second poll then finds. Only the connection
@@ -221,7 +238,7 @@ impl Http1 {
                     None => NoAnswer::Failed(e.into_error()),
                 }));
             }
-            if deadline.is_some()
+            if timed
                 && self
                     .timer
                     .as_mut()

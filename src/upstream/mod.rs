@@ -26,13 +26,14 @@ mod h1;
 mod pool;
 mod tls;
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use tokio::time::Instant;
+use tokio::time::{Instant, Timeout};
 
 pub(crate) use body::UpstreamBody;
 use h1::NoAnswer;
@@ -211,7 +212,8 @@ impl Upstream {
         // HTTP/2, once ALPN has chosen it: every request shares the connection.
         if let Some(mut tx) = inner.shared_h2() {
             inner.absolute_form(&mut req);
-            match within(deadline, tx.try_send_request(req)).await? {
+            let sent = within(deadline, tx.try_send_request(req)).await;
+            match sent.map_err(|_| SendError::TimedOut)? {
                 Ok(resp) => return Ok(UpstreamBody::unpooled(resp, slot)),
                 // Not taken (the connection is closing): a new one below.
                 Err(mut e) => match e.take_message() {
@@ -229,7 +231,8 @@ impl Upstream {
                 continue;
             }
             inner.origin_form(&mut req);
-            match h1.send(req, deadline).await {
+            let answer = pin!(h1.hand_over(req, deadline));
+            match h1.answer(answer, deadline.is_some()).await {
                 Ok(resp) => return Ok(UpstreamBody::pooled(resp, h1, slot)),
                 // Not written (the upstream had closed the connection):
                 // on the next one.
@@ -240,27 +243,30 @@ impl Upstream {
         // A new connection. Boxed: its future (TLS handshake included) is
         // ten times the size of the rest, and would otherwise be copied
         // with every request's future.
-        match within(deadline, Box::pin(inner.connect())).await?? {
+        let dialed = within(deadline, Box::pin(inner.connect())).await;
+        match dialed.map_err(|_| SendError::TimedOut)?? {
             Conn::H1(mut h1) => {
                 inner.origin_form(&mut req);
-                let resp = h1.send(req, deadline).await?;
+                let answer = pin!(h1.hand_over(req, deadline));
+                let resp = h1.answer(answer, deadline.is_some()).await?;
                 Ok(UpstreamBody::pooled(resp, h1, slot))
             }
             Conn::H2(mut tx) => {
                 inner.absolute_form(&mut req);
-                let resp = within(deadline, tx.send_request(req)).await??;
+                let sent = within(deadline, tx.send_request(req)).await;
+                let resp = sent.map_err(|_| SendError::TimedOut)??;
                 Ok(UpstreamBody::unpooled(resp, slot))
             }
         }
     }
 }
 
-/// `f`'s output, if it comes by `deadline`.
-async fn within<F: Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, SendError> {
+/// `f`, bounded by `deadline` if any. A plain function, not an `async`
+/// one: the caller awaits the timeout where it is made, with no second
+/// place for `f` beside it in every request's future.
+fn within<F: Future>(deadline: Option<Instant>, f: F) -> Timeout<F> {
     match deadline {
-        None => Ok(f.await),
-        Some(at) => tokio::time::timeout_at(at, f)
-            .await
-            .map_err(|_| SendError::TimedOut),
+        Some(at) => tokio::time::timeout_at(at, f),
+        None => tokio::time::timeout(Duration::MAX, f),
     }
 }
