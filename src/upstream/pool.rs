@@ -191,7 +191,7 @@ impl Pool {
     }
 
     /// The HTTP/1.1 connection that went idle last, if it is not too old
-    /// (it may have been closed since: see [`Http1::send`]).
+    /// (it may have been closed since: see [`Http1::answer`]).
     pub(super) fn checkout(&self) -> Option<Box<Http1>> {
         let mut idle = lock(&self.idle);
         let conn = idle.pop_back()?;
