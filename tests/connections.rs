@@ -317,3 +317,228 @@ async fn a_busy_answer_to_a_request_with_a_body_keeps_the_client_working() {
     let (_, kept) = post_then_get(&proxy.url, "", 20_000).await;
     assert!(kept);
 }
+
+// === upstream connections ===
+
+/// An upstream written by hand, for what the stand-in does not do: close a
+/// kept-alive connection while it is idle, answer a request before reading
+/// its body, or stop in the middle of an answer. By path: `/early` answers
+/// 413 at once and then reads the body; `/half` sends the head and part of
+/// a body, then waits; `/stall` never answers; anything else gets 200
+/// with, as its body, the number of the connection it came on (from 1).
+struct RawUpstream {
+    url: String,
+    /// Closes the idle connections numbered up to this.
+    close_idle: tokio::sync::watch::Sender<usize>,
+    /// What happened, in order.
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    /// The whole body of an `/early` request arrived, after its answer.
+    BodyAfterAnswer(usize),
+    /// Connection `n` ended: the proxy closed it, or the upstream did.
+    Ended(usize),
+}
+
+impl RawUpstream {
+    async fn start() -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (close_idle, close_rx) = tokio::sync::watch::channel(0);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                let (close, tx) = (close_rx.clone(), tx.clone());
+                tokio::spawn(async move {
+                    serve_raw(s, n, close, &tx).await;
+                    let _ = tx.send(Event::Ended(n));
+                });
+            }
+        });
+        Self {
+            url,
+            close_idle,
+            events,
+            accepted,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn next_event(&mut self) -> Event {
+        tokio::time::timeout(raw::CLOSE_WITHIN, self.events.recv())
+            .await
+            .expect("an upstream event")
+            .unwrap()
+    }
+}
+
+/// One connection of [`RawUpstream`]: requests in turn, until either side
+/// closes it.
+async fn serve_raw(
+    s: TcpStream,
+    n: usize,
+    mut close_idle: tokio::sync::watch::Receiver<usize>,
+    events: &tokio::sync::mpsc::UnboundedSender<Event>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let mut s = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        tokio::select! {
+            read = s.read_line(&mut line) => if read.unwrap_or(0) == 0 { return },
+            _ = close_idle.wait_for(|&upto| n <= upto) => return,
+        }
+        let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            s.read_line(&mut header).await.unwrap();
+            if header == "\r\n" {
+                break;
+            }
+            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; length];
+        match path.as_str() {
+            "/early" => {
+                let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+                s.get_mut().write_all(answer).await.unwrap();
+                s.read_exact(&mut body).await.unwrap();
+                events.send(Event::BodyAfterAnswer(n)).unwrap();
+            }
+            "/half" | "/stall" => {
+                if path == "/half" {
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\nstarted";
+                    s.get_mut().write_all(answer).await.unwrap();
+                }
+                // Nothing more: waits for the proxy to close the connection.
+                while s.read(&mut body).await.is_ok_and(|r| r > 0) {}
+                return;
+            }
+            _ => {
+                s.read_exact(&mut body).await.unwrap();
+                let n = n.to_string();
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{n}", n.len());
+                s.get_mut().write_all(answer.as_bytes()).await.unwrap();
+            }
+        }
+    }
+}
+
+/// The proxy in front of `up` (tokens from `fake`), one worker so that
+/// every request uses the same pool.
+async fn proxy_to(up: &RawUpstream, fake: &FakeCriteo) -> TestProxy {
+    proxy_with(up, fake, "timeout = \"30s\"").await
+}
+
+async fn proxy_with(up: &RawUpstream, fake: &FakeCriteo, upstream: &str) -> TestProxy {
+    let proxy = TestProxy::builder(fake)
+        .upstream_url(&up.url)
+        .upstream(upstream)
+        .server("workers = 1")
+        .server("max_replay_body = \"1KiB\"")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    proxy
+}
+
+/// `GET path`: the status and the body (the upstream connection's number).
+async fn get_text(proxy: &TestProxy, path: &str) -> (u16, String) {
+    let resp = proxy.get(path).await;
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn an_upstream_connection_closed_while_idle_is_not_used() {
+    let fake = FakeCriteo::start().await;
+    let mut up = RawUpstream::start().await;
+    let proxy = proxy_to(&up, &fake).await;
+    assert_eq!(get_text(&proxy, "/a").await, (200, "1".into()));
+    assert_eq!(get_text(&proxy, "/b").await, (200, "1".into()), "reused");
+
+    up.close_idle.send(1).unwrap();
+    assert_eq!(up.next_event().await, Event::Ended(1));
+    // Not sent on the closed connection (which would fail it): on a new one.
+    assert_eq!(get_text(&proxy, "/c").await, (200, "2".into()));
+    assert_eq!(get_text(&proxy, "/d").await, (200, "2".into()));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_answer_takes_the_upstream_connection_with_it() {
+    let fake = FakeCriteo::start().await;
+    let mut up = RawUpstream::start().await;
+    let proxy = proxy_to(&up, &fake).await;
+    assert_eq!(get_text(&proxy, "/a").await, (200, "1".into()));
+
+    let mut s = raw::send(&proxy.url, b"GET /half HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let head = raw::read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(s);
+    // The connection is closed, not left in the pool with half an answer
+    // unread, where the next request would read it as its own.
+    assert_eq!(up.next_event().await, Event::Ended(1));
+    assert_eq!(get_text(&proxy, "/b").await, (200, "2".into()));
+}
+
+#[tokio::test]
+async fn a_connection_answered_before_its_body_was_sent_is_reused_after_it() {
+    let fake = FakeCriteo::start().await;
+    let mut up = RawUpstream::start().await;
+    let proxy = proxy_to(&up, &fake).await;
+    assert_eq!(get_text(&proxy, "/a").await, (200, "1".into()));
+
+    // A streamed body (over max_replay_body): half of it, the answer, the rest.
+    let mut s = raw::send(
+        &proxy.url,
+        b"POST /early HTTP/1.1\r\nhost: x\r\ncontent-length: 200000\r\n\r\n",
+    )
+    .await;
+    s.write_all(&[b'p'; 100_000]).await.unwrap();
+    let (head, _) = raw::read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 413"), "{head}");
+    s.write_all(&[b'p'; 100_000]).await.unwrap();
+    assert_eq!(up.next_event().await, Event::BodyAfterAnswer(1));
+
+    // The client's connection and the upstream one both serve the next.
+    s.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = raw::read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"1");
+    assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test]
+async fn an_answer_late_on_a_reused_connection_is_a_504_after_upstream_timeout() {
+    let fake = FakeCriteo::start().await;
+    let mut up = RawUpstream::start().await;
+    let proxy = proxy_with(&up, &fake, "timeout = \"300ms\"").await;
+    assert_eq!(get_text(&proxy, "/a").await, (200, "1".into()));
+    // The first request's deadline passes while the connection is idle: the
+    // next one's is a deadline of its own.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(get_text(&proxy, "/b").await, (200, "1".into()));
+
+    let resp = tokio::time::timeout(raw::CLOSE_WITHIN, proxy.get("/stall"))
+        .await
+        .expect("answered once upstream.timeout is over");
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["x-criteo-proxy-error"], "upstream_timeout");
+    // The connection is closed, not left in the pool with an answer due.
+    assert_eq!(up.next_event().await, Event::Ended(1));
+    assert_eq!(get_text(&proxy, "/c").await, (200, "2".into()));
+}

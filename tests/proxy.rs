@@ -238,6 +238,8 @@ async fn replays_once_on_401_with_a_fresh_token_and_the_same_body() {
 
     let resp = client()
         .post(format!("{}/2024-10/campaigns", proxy.url))
+        .header("x-trace", "kept for the replay")
+        .header("accept", "application/json")
         .body("payload that must survive the replay")
         .send()
         .await
@@ -254,6 +256,14 @@ async fn replays_once_on_401_with_a_fresh_token_and_the_same_body() {
         seen[0].headers["authorization"],
         seen[1].headers["authorization"]
     );
+    let without_token = |s: &support::fake_criteo::Seen| {
+        let mut h = s.headers.clone();
+        h.remove("authorization");
+        h
+    };
+    assert_eq!(without_token(&seen[1]), without_token(&seen[0]));
+    assert_eq!(seen[1].headers["x-trace"], "kept for the replay");
+    assert_eq!(seen[1].headers["host"], fake.addr().to_string());
     assert_eq!(seen[1].body, seen[0].body);
     assert_eq!(fake.token_requests(), 2);
     assert!(

@@ -3,7 +3,7 @@
 
 use crate::error::PROXY_ERROR_HEADER;
 use http::header::{
-    AUTHORIZATION, CONNECTION, EXPECT, HOST, HeaderMap, HeaderName, PROXY_AUTHENTICATE,
+    AUTHORIZATION, CONNECTION, EXPECT, HeaderMap, HeaderName, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
@@ -24,31 +24,57 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
-/// Removes every header `doomed` picks. One pass over the names present
-/// (a request carries a handful) instead of a hashed removal for each
-/// name that might be there; no allocation.
+/// How many distinct names one pass of [`remove_where`] notes for removal:
+/// more than a message usually carries (a request its `Host`, a response
+/// from an HTTP/1.1 upstream its `Connection`).
+const NOTED: usize = 4;
+
+/// Removes every header `doomed` picks, and every header a `Connection`
+/// header names. One pass over the headers (a message carries a handful),
+/// then a hashed removal only for the names found; no allocation, unless
+/// `Connection` names more than the usual `keep-alive` or `close`.
 fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
-    while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
-        headers.remove(&name);
+    let mut noted: [Option<HeaderName>; NOTED] = Default::default();
+    let mut count = 0;
+    let mut overflow = false;
+    let mut listed = false;
+    for (name, value) in headers.iter() {
+        if name == CONNECTION && !plain(value.as_bytes()) {
+            listed = true;
+        }
+        if !doomed(name) || noted[..count].iter().flatten().any(|n| n == name) {
+            continue;
+        }
+        match noted.get_mut(count) {
+            Some(slot) => {
+                *slot = Some(name.clone());
+                count += 1;
+            }
+            None => overflow = true,
+        }
+    }
+    // Before `Connection` itself goes.
+    if listed {
+        remove_connection_listed(headers);
+    }
+    for name in noted.into_iter().flatten() {
+        headers.remove(name);
+    }
+    if overflow {
+        while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
+            headers.remove(&name);
+        }
     }
 }
 
-/// Headers named in `Connection` are hop-by-hop too. The usual values,
-/// `keep-alive` and `close`, name nothing else to remove; any other list
-/// is parsed, which allocates.
+/// A `Connection` value that names no header to remove.
+fn plain(v: &[u8]) -> bool {
+    v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+}
+
+/// Headers named in `Connection` are hop-by-hop too. Parsing the list
+/// allocates: only for a list that is not just `keep-alive` or `close`.
 fn remove_connection_listed(headers: &mut HeaderMap) {
-    if !headers.contains_key(CONNECTION) {
-        return;
-    }
-    let plain =
-        |v: &[u8]| v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close");
-    if headers
-        .get_all(CONNECTION)
-        .iter()
-        .all(|v| plain(v.as_bytes()))
-    {
-        return;
-    }
     let extra: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -61,11 +87,12 @@ fn remove_connection_listed(headers: &mut HeaderMap) {
 }
 
 /// Before a request goes upstream: the client's credentials, the tenant
-/// choice, `Host` (set from the upstream URL) and hop-by-hop headers go.
+/// choice and hop-by-hop headers go. `Host` stays, for the upstream pool
+/// to overwrite with the upstream's (or remove, over HTTP/2): cheaper than
+/// removing it here and adding it back there.
 pub(crate) fn sanitize_request(headers: &mut HeaderMap, tenant_header: &HeaderName) {
-    remove_connection_listed(headers);
     remove_where(headers, |n| {
-        is_hop_by_hop(n) || n == AUTHORIZATION || n == HOST || n == EXPECT || n == tenant_header
+        is_hop_by_hop(n) || n == AUTHORIZATION || n == EXPECT || n == tenant_header
     });
 }
 
@@ -73,7 +100,6 @@ pub(crate) fn sanitize_request(headers: &mut HeaderMap, tenant_header: &HeaderNa
 /// marker of the proxy's own errors, so that an answer from upstream never
 /// passes for one the proxy made.
 pub(crate) fn sanitize_response(headers: &mut HeaderMap) {
-    remove_connection_listed(headers);
     remove_where(headers, |n| is_hop_by_hop(n) || n == PROXY_ERROR_HEADER);
 }
 
@@ -81,6 +107,7 @@ pub(crate) fn sanitize_response(headers: &mut HeaderMap) {
 mod tests {
     use super::*;
     use http::HeaderValue;
+    use http::header::HOST;
 
     #[test]
     fn credentials_tenant_and_hop_by_hop_headers_are_removed() {
@@ -97,8 +124,22 @@ mod tests {
         h.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
         h.insert("accept", HeaderValue::from_static("application/json"));
         sanitize_request(&mut h, &HeaderName::from_static("x-criteo-tenant"));
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        // `Host` is the pool's to replace.
+        assert_eq!(left, ["accept", "host"]);
+    }
+
+    #[test]
+    fn more_kinds_of_hop_by_hop_headers_than_one_pass_notes_all_go() {
+        let mut h = HeaderMap::new();
+        for name in HOP_BY_HOP {
+            h.append(name, HeaderValue::from_static("1"));
+            h.append("x-kept", HeaderValue::from_static("1"));
+        }
+        sanitize_response(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["accept"]);
+        assert_eq!(left, ["x-kept"]);
     }
 
     #[test]

@@ -8,8 +8,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{AUTHORIZATION, HOST};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -19,7 +21,7 @@ use super::{BodyEnd, BodyError, End, OutBody, Prepared, Proxy, ResponseBody, hea
 use crate::error::{self, ProxyError};
 use crate::tenant::Tenant;
 use crate::token::Newer;
-use crate::upstream::{Slot, UpstreamBody};
+use crate::upstream::{SendError, Slot, UpstreamBody};
 
 /// How much of a 401's (or 429's) body is read (and dropped) before the
 /// replay, so that the pooled connection can be reused.
@@ -30,6 +32,8 @@ pub(super) const DRAIN_LIMIT: usize = 64 * 1024;
 pub(super) struct Replay {
     pub(super) method: Method,
     pub(super) uri: Uri,
+    /// Without `Authorization` until a replay puts its token in, and
+    /// without `Host` (the pool sets it).
     pub(super) headers: HeaderMap,
     pub(super) bytes: Bytes,
     pub(super) generation: u64,
@@ -100,10 +104,11 @@ impl Proxy {
             Prepared::Replayable(bytes) => bytes,
         };
 
+        let kept = for_a_replay(&parts.headers);
         let first = outgoing(
             parts.method.clone(),
             uri.clone(),
-            parts.headers.clone(),
+            std::mem::take(&mut parts.headers),
             OutBody::full(bytes.clone()),
         );
         let mut resp = self
@@ -117,7 +122,7 @@ impl Proxy {
         let mut again = Replay {
             method: parts.method,
             uri,
-            headers: parts.headers,
+            headers: kept.into_iter().collect(),
             bytes,
             generation,
             path: parts.uri.path().to_owned(),
@@ -253,21 +258,25 @@ impl Proxy {
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let timeout = self.upstream.timeout();
         let sent = upstream_time.map(|_| Instant::now());
-        let sending = self.upstream.send(slot, req);
         let answer = match end {
-            None => tokio::time::timeout(timeout, sending).await.ok(),
-            Some(end) => Box::pin(after_body(sending, end, timeout)).await,
+            None => self.upstream.send(slot, req, Some(timeout)).await,
+            Some(end) => {
+                let sending = self.upstream.send(slot, req, None);
+                Box::pin(after_body(sending, end, timeout))
+                    .await
+                    .unwrap_or(Err(SendError::TimedOut))
+            }
         };
         if let (Some(total), Some(sent)) = (upstream_time.as_mut(), sent) {
             *total += sent.elapsed();
         }
         match answer {
-            None => Err(ProxyError::UpstreamTimeout(timeout)),
-            Some(Err(e)) => {
+            Err(SendError::TimedOut) => Err(ProxyError::UpstreamTimeout(timeout)),
+            Err(e) => {
                 tracing::debug!(written = e.maybe_written(), error = %e, "upstream request failed");
                 Err(ProxyError::UpstreamUnreachable(error::chain(&e)))
             }
-            Some(Ok(mut resp)) => {
+            Ok(mut resp) => {
                 headers::sanitize_response(resp.headers_mut());
                 if resp.status() == StatusCode::FORBIDDEN {
                     self.forbidden(tenant);
@@ -292,6 +301,21 @@ async fn after_body<F: Future>(
         _ = end.wait() => {}
     }
     tokio::time::timeout(timeout, sending).await.ok()
+}
+
+/// What a replay needs of a request's headers, copied before the first
+/// send takes them: all but `Authorization` (a replay puts its own token
+/// in) and `Host` (the pool's to set). Most requests carry few others,
+/// often none, and then nothing is copied (nor allocated).
+fn for_a_replay(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let mut kept = Vec::with_capacity(headers.len().saturating_sub(2));
+    kept.extend(
+        headers
+            .iter()
+            .filter(|(name, _)| *name != AUTHORIZATION && *name != HOST)
+            .map(|(name, value)| (name.clone(), value.clone())),
+    );
+    kept
 }
 
 fn body_error(e: BodyError) -> ProxyError {

@@ -6,6 +6,8 @@
 //! used by tests, local stand-ins and meshes that originate TLS, or TLS
 //! servers that chose HTTP/1.1) are kept in a last-in-first-out idle list
 //! and come back to it when their response body has been read to the end.
+//! An HTTP/2 connection runs in a task of its own; an HTTP/1.1 connection
+//! has none: the request that uses it drives it ([`h1`]).
 //!
 //! This replaces hyper-util's legacy client, which is built for a pool
 //! shared between threads and pays for it on every request: a keyed map
@@ -20,18 +22,21 @@
 //! `upstream.connect_timeout`, then gets `503 upstream_busy`.
 
 mod body;
+mod h1;
 mod pool;
 mod tls;
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::client::conn::http1;
+use tokio::time::{Instant, Timeout};
 
 pub(crate) use body::UpstreamBody;
+use h1::NoAnswer;
 pub(crate) use pool::Slot;
 use pool::{Conn, Pool, Waiting};
 
@@ -63,13 +68,26 @@ pub(crate) enum SendError {
     /// The connection failed while the request was being sent or answered.
     #[error(transparent)]
     Request(#[from] hyper::Error),
+    /// No answer within the bound the request was sent with.
+    #[error("no answer in time")]
+    TimedOut,
+}
+
+impl From<NoAnswer> for SendError {
+    fn from(e: NoAnswer) -> Self {
+        match e {
+            // A fresh connection that closed at once.
+            NoAnswer::Back(_, e) | NoAnswer::Failed(e) => SendError::Request(e),
+            NoAnswer::TimedOut => SendError::TimedOut,
+        }
+    }
 }
 
 impl SendError {
     /// Whether any of the request may have reached the upstream (a
     /// request that was not is safe to send again).
     pub(crate) fn maybe_written(&self) -> bool {
-        matches!(self, SendError::Request(_))
+        matches!(self, SendError::Request(_) | SendError::TimedOut)
     }
 }
 
@@ -178,20 +196,24 @@ impl Upstream {
     }
 
     /// Sends a request whose URI came from [`Upstream::uri_for`], on a
-    /// pooled connection or a new one. A request that a pooled connection
-    /// could not take (it had just closed) goes on another one; a request
-    /// that was written is never sent twice. The slot stays with the
-    /// response body until it ends.
+    /// pooled connection or a new one, and waits for its answer's head at
+    /// most `bound` (unbounded with `None`: the caller bounds the wait). A
+    /// request that a pooled connection could not take (it had just
+    /// closed) goes on another one; a request that was written is never
+    /// sent twice. The slot stays with the response body until it ends.
     pub(crate) async fn send(
         &self,
         slot: Slot,
         mut req: Request<OutBody>,
+        bound: Option<Duration>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let deadline = bound.and_then(|b| Instant::now().checked_add(b));
         let inner = &self.inner;
         // HTTP/2, once ALPN has chosen it: every request shares the connection.
         if let Some(mut tx) = inner.shared_h2() {
             inner.absolute_form(&mut req);
-            match tx.try_send_request(req).await {
+            let sent = within(deadline, tx.try_send_request(req)).await;
+            match sent.map_err(|_| SendError::TimedOut)? {
                 Ok(resp) => return Ok(UpstreamBody::unpooled(resp, slot)),
                 // Not taken (the connection is closing): a new one below.
                 Err(mut e) => match e.take_message() {
@@ -201,48 +223,50 @@ impl Upstream {
             }
         }
         // HTTP/1.1: the connection that went idle last.
-        while let Some(mut tx) = inner.checkout() {
-            if !tx.is_ready() {
-                // Still busy (a request body still going up after an early
-                // answer, or the connection not yet past its last
-                // response): never wait behind it.
-                Self::when_ready(tx, &self.inner);
+        while let Some(mut h1) = inner.checkout() {
+            if !h1.is_ready() {
+                // Still sending an earlier request's body after its
+                // answer: never wait behind it.
+                inner.release_when_ready(h1);
                 continue;
             }
             inner.origin_form(&mut req);
-            match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(UpstreamBody::pooled(resp, tx, slot)),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(e.into_error().into()),
-                },
+            let answer = pin!(h1.hand_over(req, deadline));
+            match h1.answer(answer, deadline.is_some()).await {
+                Ok(resp) => return Ok(UpstreamBody::pooled(resp, h1, slot)),
+                // Not written (the upstream had closed the connection):
+                // on the next one.
+                Err(NoAnswer::Back(back, _)) => req = *back,
+                Err(e) => return Err(e.into()),
             }
         }
         // A new connection. Boxed: its future (TLS handshake included) is
         // ten times the size of the rest, and would otherwise be copied
         // with every request's future.
-        match Box::pin(inner.connect()).await? {
-            Conn::H1(mut tx) => {
+        let dialed = within(deadline, Box::pin(inner.connect())).await;
+        match dialed.map_err(|_| SendError::TimedOut)?? {
+            Conn::H1(mut h1) => {
                 inner.origin_form(&mut req);
-                let resp = tx.send_request(req).await?;
-                Ok(UpstreamBody::pooled(resp, tx, slot))
+                let answer = pin!(h1.hand_over(req, deadline));
+                let resp = h1.answer(answer, deadline.is_some()).await?;
+                Ok(UpstreamBody::pooled(resp, h1, slot))
             }
             Conn::H2(mut tx) => {
                 inner.absolute_form(&mut req);
-                let resp = tx.send_request(req).await?;
+                let sent = within(deadline, tx.send_request(req)).await;
+                let resp = sent.map_err(|_| SendError::TimedOut)??;
                 Ok(UpstreamBody::unpooled(resp, slot))
             }
         }
     }
+}
 
-    /// Puts a busy connection back in the pool once it can take a request
-    /// (dropped if it closes instead).
-    fn when_ready(mut tx: http1::SendRequest<OutBody>, pool: &Arc<Pool>) {
-        let pool = Arc::clone(pool);
-        tokio::spawn(async move {
-            if tx.ready().await.is_ok() {
-                pool.release(tx);
-            }
-        });
+/// `f`, bounded by `deadline` if any. A plain function, not an `async`
+/// one: the caller awaits the timeout where it is made, with no second
+/// place for `f` beside it in every request's future.
+fn within<F: Future>(deadline: Option<Instant>, f: F) -> Timeout<F> {
+    match deadline {
+        Some(at) => tokio::time::timeout_at(at, f),
+        None => tokio::time::timeout(Duration::MAX, f),
     }
 }

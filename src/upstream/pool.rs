@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tower_service::Service;
 
 use super::SendError;
+use super::h1::Http1;
 use crate::http::OutBody;
 
 /// How long an idle HTTP/1.1 connection is kept for reuse.
@@ -94,13 +95,13 @@ impl std::fmt::Debug for Pool {
 
 /// An HTTP/1.1 connection waiting for its next request.
 struct Idle {
-    tx: http1::SendRequest<OutBody>,
+    h1: Box<Http1>,
     since: coarsetime::Instant,
 }
 
 /// A connection just made.
 pub(super) enum Conn {
-    H1(http1::SendRequest<OutBody>),
+    H1(Box<Http1>),
     H2(http2::SendRequest<OutBody>),
 }
 
@@ -189,41 +190,50 @@ impl Pool {
         Some(tx.clone())
     }
 
-    pub(super) fn checkout(&self) -> Option<http1::SendRequest<OutBody>> {
+    /// The HTTP/1.1 connection that went idle last, if it is not too old
+    /// (it may have been closed since: see [`Http1::answer`]).
+    pub(super) fn checkout(&self) -> Option<Box<Http1>> {
         let mut idle = lock(&self.idle);
-        while let Some(conn) = idle.pop_back() {
-            if idle_too_long(conn.since, coarsetime::Instant::now()) {
-                // The newest is too old, so are the others.
-                idle.clear();
-                return None;
-            }
-            if !conn.tx.is_closed() {
-                return Some(conn.tx);
-            }
+        let conn = idle.pop_back()?;
+        if idle_too_long(conn.since, coarsetime::Instant::now()) {
+            // The newest is too old, so are the others.
+            idle.clear();
+            return None;
         }
-        None
+        Some(conn.h1)
     }
 
-    /// Takes back a connection whose response has been read to the end.
-    pub(super) fn release(self: &Arc<Self>, tx: http1::SendRequest<OutBody>) {
-        if tx.is_closed() {
+    /// Takes back a connection that can take another request.
+    pub(super) fn release(self: &Arc<Self>, h1: Box<Http1>) {
+        if h1.ended() {
             return;
         }
+        h1.idle();
         let now = coarsetime::Instant::now();
         let mut idle = lock(&self.idle);
-        while idle
-            .front()
-            .is_some_and(|c| idle_too_long(c.since, now) || c.tx.is_closed())
-        {
+        while idle.front().is_some_and(|c| idle_too_long(c.since, now)) {
             idle.pop_front();
         }
         if idle.len() < MAX_IDLE {
-            idle.push_back(Idle { tx, since: now });
+            idle.push_back(Idle { h1, since: now });
         }
         drop(idle);
         if !self.reaping.load(Ordering::SeqCst) {
             self.start_reaper();
         }
+    }
+
+    /// Drives a connection still sending a request's body (the upstream
+    /// answered before reading all of it) in a task of its own, and takes
+    /// it back once it can take another request (dropped if it ends
+    /// instead).
+    pub(super) fn release_when_ready(self: &Arc<Self>, mut h1: Box<Http1>) {
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            if h1.finish().await {
+                pool.release(h1);
+            }
+        });
     }
 
     /// Closes connections idle longer than [`IDLE_TIMEOUT`] even when no
@@ -241,7 +251,9 @@ impl Pool {
                 let Some(pool) = pool.upgrade() else { return };
                 let now = coarsetime::Instant::now();
                 let mut idle = lock(&pool.idle);
-                idle.retain(|c| !idle_too_long(c.since, now) && !c.tx.is_closed());
+                // Polled here, as nobody else polls an idle connection:
+                // one the upstream closed is let go.
+                idle.retain_mut(|c| !idle_too_long(c.since, now) && !c.h1.closed_while_idle());
                 if idle.is_empty() {
                     // Under the lock, so a connection given back now sees it.
                     pool.reaping.store(false, Ordering::SeqCst);
@@ -349,13 +361,9 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(SendError::Handshake)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            });
+            // Not spawned: driven by the requests that use it (see `h1`).
             self.protocol.store(H1, Ordering::Relaxed);
-            Ok(Conn::H1(tx))
+            Ok(Conn::H1(Http1::new(tx, conn)))
         }
     }
 }
