@@ -18,7 +18,10 @@
 #               than one tick in the window) and from the per-thread
 #               /proc/PID/task/*/schedstat (nanoseconds, same figure, finer)
 #   wake-ups/s  voluntary + nonvoluntary context switches summed over
-#               /proc/PID/task/*/status, per second
+#               /proc/PID/task/*/status, per second; then per thread name
+#               (main: the main thread, tokio-rt-worker: tokio's blocking
+#               pool, proxy-worker-N: the proxy's workers, notify-rs: the
+#               file watcher's thread)
 #   threads     at the end of the window
 #   peak RSS    VmHWM at the end of the window (start-up included)
 # and the size of the binary, as built and stripped (a copy is stripped).
@@ -34,19 +37,19 @@ if (( TLS )); then make_certs; fi
 write_upstream_conf
 start_upstream
 
-# counters PID: "ticks ns switches threads" summed over the process, its
-# children, and all their threads.
-counters() {
-  local ticks=0 ns=0 sw=0 th=0 p t
+# snapshot PID: one line per process (the process, its children) with its
+# CPU clock ticks (exited threads included), then one per thread with its
+# CPU nanoseconds, context switches and name.
+snapshot() {
+  local p t
   for p in "$1" $(pgrep -P "$1" || true); do
-    ticks=$(( ticks + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
+    echo "P $p $(awk '{print $14 + $15}' "/proc/$p/stat")"
     for t in /proc/"$p"/task/*; do
-      ns=$(( ns + $(awk '{print $1}' "$t/schedstat" 2>/dev/null || echo 0) ))
-      sw=$(( sw + $(awk '/ctxt_switches/ {s += $2} END {print s + 0}' "$t/status" 2>/dev/null || echo 0) ))
-      th=$(( th + 1 ))
+      echo "T ${t##*/} $(awk '{print $1}' "$t/schedstat" 2>/dev/null || echo 0)" \
+        "$(awk '/ctxt_switches/ {s += $2} END {print s + 0}' "$t/status" 2>/dev/null || echo 0)" \
+        "$(cat "$t/comm" 2>/dev/null || echo '?')"
     done
   done
-  echo "$ticks $ns $sw $th"
 }
 peak_kib() {
   local total=0 p
@@ -56,19 +59,45 @@ peak_kib() {
   echo "$total"
 }
 
-# measure LABEL PID READY_S: one row, after $IDLE seconds at rest.
+# measure LABEL PID READY_S: one row after $IDLE seconds at rest, then the
+# wake-ups per second of each kind of thread (by name; a worker's number
+# dropped), so that the report says where they come from. A thread that
+# exits during the window is left out (its count goes with it) and counted.
 hz=$(getconf CLK_TCK)
 measure() {
-  local t0 n0 s0 th t1 n1 s1
-  read -r t0 n0 s0 _ < <(counters "$2")
+  snapshot "$2" > "$work/before"
   sleep "$IDLE_S"
-  read -r t1 n1 s1 th < <(counters "$2")
-  python3 -c "
-import sys
-label, ready, idle, hz, dt, dn, ds, th, kib = sys.argv[1:]
+  snapshot "$2" > "$work/after"
+  python3 - "$1" "$3" "$IDLE_S" "$hz" "$(peak_kib "$2")" "$2" "$work/before" "$work/after" <<'EOP'
+import re, sys
+label, ready, idle, hz, kib, main_pid, before, after = sys.argv[1:]
 idle, hz = float(idle), int(hz)
-print(f'{label:>42} {ready:>8} {int(dt) * 1000 / hz / idle:>10.3f} {int(dn) / 1e6 / idle:>12.3f} {int(ds) / idle:>11.2f} {th:>7} {int(kib) / 1024:>9.1f}')
-" "$1" "$3" "$IDLE_S" "$hz" $(( t1 - t0 )) $(( n1 - n0 )) $(( s1 - s0 )) "$th" "$(peak_kib "$2")"
+def read(path):
+    ticks, threads = 0, {}
+    for line in open(path):
+        kind, rest = line.split(' ', 1)
+        if kind == 'P':
+            ticks += int(rest.split()[1])
+        else:
+            tid, ns, sw, name = rest.rstrip('\n').split(' ', 3)
+            threads[tid] = (int(ns), int(sw), name)
+    return ticks, threads
+t0, a = read(before)
+t1, b = read(after)
+ns = sw = 0
+groups = {}
+for tid, (n1, s1, name) in b.items():
+    n0, s0, _ = a.get(tid, (0, 0, name))
+    ns, sw = ns + n1 - n0, sw + s1 - s0
+    # The main thread is named after the binary; workers by their number.
+    kind = 'main' if tid == main_pid else re.sub(r'-\d+$', '-N', name)
+    groups[kind] = groups.get(kind, 0) + s1 - s0
+gone = len(set(a) - set(b))
+print(f'{label:>42} {ready:>8} {(t1 - t0) * 1000 / hz / idle:>10.3f} {ns / 1e6 / idle:>12.3f}'
+      f' {sw / idle:>11.2f} {len(b):>7} {int(kib) / 1024:>9.1f}')
+by = ', '.join(f'{k} {v / idle:.2f}' for k, v in sorted(groups.items(), key=lambda g: -g[1]))
+print(f'{"":>44}wake-ups/s by thread: {by}' + (f' ({gone} thread(s) exited)' if gone else ''))
+EOP
 }
 
 # proxy_case TENANTS LAZY: a fresh proxy on fresh ports, measured, stopped.
