@@ -64,22 +64,25 @@ peak_kib() {
 # dropped), so that the report says where they come from. A thread that
 # exits during the window is left out (its count goes with it) and counted.
 hz=$(getconf CLK_TCK)
+# The snapshots are kept in memory: a file written in $work, the folder of
+# the proxy's configuration, would wake its file watcher.
 measure() {
-  snapshot "$2" > "$work/before"
+  local before after
+  before=$(snapshot "$2")
   sleep "$IDLE_S"
-  snapshot "$2" > "$work/after"
-  python3 - "$1" "$3" "$IDLE_S" "$hz" "$(peak_kib "$2")" "$2" "$work/before" "$work/after" <<'EOP'
+  after=$(snapshot "$2")
+  python3 - "$1" "$3" "$IDLE_S" "$hz" "$(peak_kib "$2")" "$2" "$before" "$after" <<'EOP'
 import re, sys
 label, ready, idle, hz, kib, main_pid, before, after = sys.argv[1:]
 idle, hz = float(idle), int(hz)
-def read(path):
+def read(text):
     ticks, threads = 0, {}
-    for line in open(path):
+    for line in text.splitlines():
         kind, rest = line.split(' ', 1)
         if kind == 'P':
             ticks += int(rest.split()[1])
         else:
-            tid, ns, sw, name = rest.rstrip('\n').split(' ', 3)
+            tid, ns, sw, name = rest.split(' ', 3)
             threads[tid] = (int(ns), int(sw), name)
     return ticks, threads
 t0, a = read(before)
