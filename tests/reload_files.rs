@@ -139,7 +139,7 @@ async fn a_secret_whose_folder_vanished_is_picked_up_when_it_is_back() {
         .wait_for_message("configuration reload rejected; the running configuration keeps serving")
         .await;
     proxy
-        .wait_for_message("cannot watch this file for changes; checking every 2s instead")
+        .wait_for_message("cannot watch the files the configuration depends on for changes; checking them every 2s instead")
         .await;
     std::fs::create_dir_all(&folder).unwrap();
     write(&folder, "client_secret", "main-secret\n");

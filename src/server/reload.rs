@@ -160,7 +160,7 @@ impl Reloader {
             (Err(why), false) => {
                 tracing::warn!(
                     problem = %why,
-                    "cannot watch this file for changes; checking every {}s instead",
+                    "cannot watch the files the configuration depends on for changes; checking them every {}s instead",
                     POLL.as_secs()
                 );
                 let mut poll = tokio::time::interval_at(Instant::now() + POLL, POLL);
