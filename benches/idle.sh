@@ -10,6 +10,9 @@
 #   IDLE=10s benches/idle.sh        # a quick run
 #   TLS=1 benches/idle.sh           # the upstream over HTTPS (HTTP/2 by ALPN)
 #   PROXY_BIN=/path/to/criteo-token-proxy benches/idle.sh   # no cargo build
+#   WARM=1 benches/idle.sh          # at rest after serving: 16 requests
+#                                   # (new connections, so every worker
+#                                   # holds upstream connections) first
 #
 # Measures, per process (all its threads; nginx: master and workers):
 #   ready       seconds from exec to the first /readyz 200 (polled every 10 ms)
@@ -30,6 +33,7 @@ set -euo pipefail
 
 IDLE=${IDLE:-60s}
 IDLE_S=${IDLE%s}
+WARM=${WARM:-0}
 # shellcheck source=benches/common.sh
 source "$(dirname "$0")/common.sh"
 need nginx strip
@@ -103,6 +107,16 @@ print(f'{"":>44}wake-ups/s by thread: {by}' + (f' ({gone} thread(s) exited)' if 
 EOP
 }
 
+# warm PORT: 16 requests through the proxy on PORT, each on a connection of
+# its own (spread over the workers), so that the window then shows what
+# kept-alive upstream connections cost at rest.
+warm() {
+  local i
+  for i in $(seq 16); do
+    curl -fs -o /dev/null "http://127.0.0.1:$1/x" || { echo "a warm-up request failed" >&2; exit 1; }
+  done
+}
+
 # proxy_case TENANTS LAZY: a fresh proxy on fresh ports, measured, stopped.
 proxy_case() {
   CTP=$(free_port); ADM=$(free_port)
@@ -118,6 +132,7 @@ proxy_case() {
   done
   curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null || { echo "proxy not ready" >&2; cat "$work/proxy.$1.$2.log" >&2; exit 1; }
   ready=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$start" "$(date +%s.%N)")
+  if (( WARM )); then warm "$CTP"; fi
   measure "criteo-token-proxy, $1 tenant(s)$( (( $2 )) && echo ', lazy')" "$pid" "$ready"
   kill "$pid"; wait "$pid" 2>/dev/null || true
 }
@@ -126,7 +141,7 @@ bin_size=$(stat -c %s "$PROXY_BIN")
 cp "$PROXY_BIN" "$work/stripped"; strip "$work/stripped"
 echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version)"
 echo "binary: $(( bin_size / 1024 )) KiB as built, $(( $(stat -c %s "$work/stripped") / 1024 )) KiB stripped"
-echo "idle window: ${IDLE_S} s per process after ready; upstream $( (( TLS )) && echo 'HTTPS, HTTP/2 by ALPN' || echo 'plain HTTP/1.1')"
+echo "idle window: ${IDLE_S} s per process after ready$( (( WARM )) && echo ' and 16 requests'); upstream $( (( TLS )) && echo 'HTTPS, HTTP/2 by ALPN' || echo 'plain HTTP/1.1')"
 echo
 printf '%42s %8s %10s %12s %11s %7s %9s\n' "" "ready s" "CPU ms/s" "CPU ms/s" "wake-ups/s" "threads" "peak RSS"
 printf '%42s %8s %10s %12s %11s %7s %9s\n' "" "" "(ticks)" "(schedstat)" "" "" "MiB"
@@ -138,4 +153,5 @@ write_nginx_proxy_conf "worker_processes auto;"
 "$NGINX" -p "$work/ngx" -c "$work/ngx/nginx.conf" -g 'daemon off;' 2>"$work/ngx/stderr" &
 NGX_PID=$!; pids+=("$NGX_PID")
 for _ in $(seq 500); do curl -fs "http://127.0.0.1:$NGX/x" >/dev/null 2>&1 && break; sleep 0.01; done
+if (( WARM )); then warm "$NGX"; fi
 measure "nginx (static token), master+workers" "$NGX_PID" "-"
