@@ -145,6 +145,9 @@ async fn a_secret_whose_folder_vanished_is_picked_up_when_it_is_back() {
     write(&folder, "client_secret", "main-secret\n");
 
     proxy.wait_for_message("configuration reloaded").await;
+    proxy
+        .wait_for_message("the configuration's files can be watched again; polling stopped")
+        .await;
     proxy.wait_for_message("access token obtained").await;
     assert_eq!(status(&proxy, "main").await, 200);
     proxy.signal("-TERM");

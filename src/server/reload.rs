@@ -156,7 +156,11 @@ impl Reloader {
         let files = watched(&self.path, &self.running);
         let (seen, watching) = observe(files, Arc::clone(&self.watch)).await;
         match (watching, self.poll.is_some()) {
-            (Ok(()), _) => self.poll = None,
+            (Ok(()), false) => {}
+            (Ok(()), true) => {
+                tracing::info!("the configuration's files can be watched again; polling stopped");
+                self.poll = None;
+            }
             (Err(why), false) => {
                 tracing::warn!(
                     problem = %why,
