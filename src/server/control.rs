@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::refreshers::Refreshers;
-use super::reload::{self, Reloader};
+use super::reload::Reloader;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::tenant::Tenants;
@@ -77,8 +77,6 @@ async fn run(plane: Plane, mut stop: oneshot::Receiver<Instant>) {
         None => None,
     };
     let mut hangup = hangup_signal(reloader.is_some());
-    let mut poll = tokio::time::interval(reload::POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             deadline = &mut stop => {
@@ -91,7 +89,7 @@ async fn run(plane: Plane, mut stop: oneshot::Receiver<Instant>) {
                     r.reload(&mut refreshers, "SIGHUP").await;
                 }
             }
-            _ = poll.tick(), if reloader.is_some() => {
+            () = files(&mut reloader) => {
                 if let Some(r) = reloader.as_mut()
                     && r.files_changed().await
                 {
@@ -99,6 +97,15 @@ async fn run(plane: Plane, mut stop: oneshot::Receiver<Instant>) {
                 }
             }
         }
+    }
+}
+
+/// The next time the watched files are worth a look; never, when there is
+/// no reloading.
+async fn files(reloader: &mut Option<Reloader>) {
+    match reloader {
+        Some(r) => r.wait_for_files().await,
+        None => std::future::pending().await,
     }
 }
 

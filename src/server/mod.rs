@@ -34,6 +34,7 @@ mod refreshers;
 mod refusals;
 mod reload;
 mod share;
+mod watch;
 mod worker;
 
 use conn::Drain;

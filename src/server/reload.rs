@@ -8,25 +8,46 @@
 //! a changed secret or seed file may be what they were waiting for.
 //! Settings outside `[tenants]` that need new sockets or clients are
 //! reported as needing a restart.
+//!
+//! Changes to files are heard from the kernel ([`FileWatch`]); only while
+//! some file cannot be watched are they polled for.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::refreshers::Refreshers;
+use super::watch::FileWatch;
 use crate::config::{Config, SecretSource};
 use crate::metrics::Metrics;
 use crate::tenant::Tenants;
 use crate::token::State;
 
-/// How often watched files are checked for changes.
-pub(crate) const POLL: Duration = Duration::from_secs(2);
+/// How often watched files are checked for changes while some of them
+/// cannot be watched.
+const POLL: Duration = Duration::from_secs(2);
 
-/// A watched file as last seen: where its link led, when it changed, its
-/// size. `None` when it could not be read.
-type Seen = Vec<(PathBuf, Option<(PathBuf, SystemTime, u64)>)>;
+/// After a change is heard, how long to let the writer finish (an editor
+/// truncating then writing, the kubelet's several steps) before looking:
+/// a half-written file would be rejected, with an error in the log.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// A watched file as last seen: where its links led, when it changed, its
+/// size and (Unix) its inode, so that a file replaced by one of the same
+/// size and time is still told apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    target: PathBuf,
+    modified: SystemTime,
+    len: u64,
+    inode: u64,
+}
+
+/// Each watched file and its stamp; `None` when it could not be read.
+type Seen = Vec<(PathBuf, Option<Stamp>)>;
 
 #[derive(Debug)]
 pub(crate) struct Reloader {
@@ -35,6 +56,9 @@ pub(crate) struct Reloader {
     tenants: Arc<ArcSwap<Tenants>>,
     metrics: Metrics,
     seen: Seen,
+    watch: Arc<FileWatch>,
+    /// While some file cannot be watched: the polling that stands in.
+    poll: Option<Interval>,
 }
 
 fn watched(path: &Path, config: &Config) -> Vec<PathBuf> {
@@ -59,11 +83,17 @@ fn watched(path: &Path, config: &Config) -> Vec<PathBuf> {
     files
 }
 
-/// [`look`] on the blocking pool: the control task never waits on a disk.
-async fn look_async(files: Vec<PathBuf>) -> Seen {
-    tokio::task::spawn_blocking(move || look(files))
-        .await
-        .unwrap_or_default()
+/// Watches what `files` depend on, then stamps them (in that order, so that
+/// a change between the two is either seen now or heard later). On the
+/// blocking pool: the control task never waits on a disk. `Err`: a file
+/// that cannot be watched.
+async fn observe(files: Vec<PathBuf>, watch: Arc<FileWatch>) -> (Seen, Result<(), String>) {
+    tokio::task::spawn_blocking(move || {
+        let watching = watch.follow(&files);
+        (look(files), watching)
+    })
+    .await
+    .unwrap_or_else(|e| (Seen::default(), Err(e.to_string())))
 }
 
 fn look(files: Vec<PathBuf>) -> Seen {
@@ -72,11 +102,25 @@ fn look(files: Vec<PathBuf>) -> Seen {
         .map(|f| {
             let state = std::fs::canonicalize(&f).ok().and_then(|target| {
                 let meta = std::fs::metadata(&target).ok()?;
-                Some((target, meta.modified().ok()?, meta.len()))
+                Some(Stamp {
+                    modified: meta.modified().ok()?,
+                    len: meta.len(),
+                    inode: inode(&meta),
+                    target,
+                })
             });
             (f, state)
         })
         .collect()
+}
+
+#[cfg(unix)]
+fn inode(meta: &std::fs::Metadata) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(meta)
+}
+#[cfg(not(unix))]
+fn inode(_: &std::fs::Metadata) -> u64 {
+    0
 }
 
 impl Reloader {
@@ -86,19 +130,74 @@ impl Reloader {
         tenants: Arc<ArcSwap<Tenants>>,
         metrics: Metrics,
     ) -> Self {
-        let seen = look_async(watched(&path, &running)).await;
-        Self {
+        let watch = Arc::new(FileWatch::new());
+        let mut reloader = Self {
             path,
             running,
             tenants,
             metrics,
-            seen,
+            seen: Seen::default(),
+            watch,
+            poll: None,
+        };
+        reloader.seen = reloader.observe().await;
+        if reloader.poll.is_none() {
+            tracing::info!(
+                files = reloader.seen.len(),
+                "watching the configuration and the files it names for changes"
+            );
+        }
+        reloader
+    }
+
+    /// [`observe`]s the running configuration's files, and polls them
+    /// while some cannot be watched.
+    async fn observe(&mut self) -> Seen {
+        let files = watched(&self.path, &self.running);
+        let (seen, watching) = observe(files, Arc::clone(&self.watch)).await;
+        match (watching, self.poll.is_some()) {
+            (Ok(()), false) => {}
+            (Ok(()), true) => {
+                tracing::info!("the configuration's files can be watched again; polling stopped");
+                self.poll = None;
+            }
+            (Err(why), false) => {
+                tracing::warn!(
+                    problem = %why,
+                    "cannot watch the files the configuration depends on for changes; checking them every {}s instead",
+                    POLL.as_secs()
+                );
+                let mut poll = tokio::time::interval_at(Instant::now() + POLL, POLL);
+                poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                self.poll = Some(poll);
+            }
+            (Err(_), true) => {}
+        }
+        seen
+    }
+
+    /// Resolves when the watched files are worth a look: a change was
+    /// heard (and had [`SETTLE`] to finish), or it is time to poll.
+    pub(crate) async fn wait_for_files(&mut self) {
+        match self.poll.as_mut() {
+            Some(poll) => tokio::select! {
+                () = self.watch.heard() => {}
+                _ = poll.tick() => return,
+            },
+            None => self.watch.heard().await,
+        }
+        tokio::time::sleep(SETTLE).await;
+        // What was heard meanwhile is covered by the look that follows.
+        tokio::select! {
+            biased;
+            () = self.watch.heard() => {}
+            () = std::future::ready(()) => {}
         }
     }
 
     /// True when a watched file changed since the last look.
     pub(crate) async fn files_changed(&mut self) -> bool {
-        let now = look_async(watched(&self.path, &self.running)).await;
+        let now = self.observe().await;
         if now != self.seen {
             self.seen = now;
             true
@@ -190,8 +289,8 @@ impl Reloader {
             retried = restart.len(),
             "configuration reloaded"
         );
-        self.seen = look_async(watched(&self.path, &config)).await;
         self.running = config;
+        self.seen = self.observe().await;
     }
 
     fn warn_restart_only(&self, new: &Config) {
