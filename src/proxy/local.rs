@@ -93,19 +93,21 @@ fn classify(path: &str) -> Option<Route> {
 /// Whether `path` has a percent-escape (which could spell anything) or
 /// `oauth2` in any case (which normalising leaves as it is): else no
 /// spelling of it reaches `/oauth2`. Eight bytes at a time, looking for a
-/// `%` or a `2` (no case to fold); only a word that has one is looked at
-/// byte by byte. The last word overlaps the one before it.
+/// `%` or a `2` (no case to fold); only those bytes are looked at one by
+/// one. The last word overlaps the one before it.
 fn may_lead_to_oauth(path: &str) -> bool {
     let bytes = path.as_bytes();
     if bytes.len() < 8 {
-        return suspect(bytes, 0);
+        let mut word = [0; 8];
+        word[..bytes.len()].copy_from_slice(bytes);
+        return suspect(bytes, 0, u64::from_le_bytes(word));
     }
+    let at_most = bytes.len() - 8;
     let mut at = 0;
     loop {
-        let at_most = bytes.len() - 8;
         let start = at.min(at_most);
         let word = u64::from_le_bytes(bytes[start..start + 8].try_into().unwrap_or([0; 8]));
-        if (has_byte(word, b'%') | has_byte(word, b'2')) != 0 && suspect(bytes, start) {
+        if suspect(bytes, start, word) {
             return true;
         }
         if start == at_most {
@@ -115,23 +117,25 @@ fn may_lead_to_oauth(path: &str) -> bool {
     }
 }
 
-/// Non-zero if a byte of `word` may be `b` (exact for whether any is).
-fn has_byte(word: u64, b: u8) -> u64 {
-    const ONES: u64 = u64::from_le_bytes([1; 8]);
-    const HIGHS: u64 = ONES << 7;
-    let x = word ^ (ONES * u64::from(b));
-    x.wrapping_sub(ONES) & !x & HIGHS
+/// Whether `word` (the bytes from `start`) has a `%`, or the `2` of an
+/// `oauth2`.
+fn suspect(bytes: &[u8], start: usize, word: u64) -> bool {
+    let mut found = bytes_equal_to(word, b'%') | bytes_equal_to(word, b'2');
+    while found != 0 {
+        let i = start + found.trailing_zeros() as usize / 8;
+        found &= found - 1;
+        if bytes[i] == b'%' || (i >= 5 && bytes[i - 5..i].eq_ignore_ascii_case(b"oauth")) {
+            return true;
+        }
+    }
+    false
 }
 
-/// Whether one of the (up to) eight bytes from `start` is a `%`, or the
-/// `2` of an `oauth2`.
-fn suspect(bytes: &[u8], start: usize) -> bool {
-    let end = bytes.len().min(start + 8);
-    (start..end).any(|i| match bytes[i] {
-        b'%' => true,
-        b'2' => i >= 5 && bytes[i - 5..i].eq_ignore_ascii_case(b"oauth"),
-        _ => false,
-    })
+/// The high bit of each byte of `word` that is `b`, and no other bit.
+fn bytes_equal_to(word: u64, b: u8) -> u64 {
+    const LOWS: u64 = u64::from_le_bytes([0x7f; 8]);
+    let x = word ^ (u64::from_le_bytes([1; 8]) * u64::from(b));
+    !(((x & LOWS) + LOWS) | x | LOWS)
 }
 
 fn needs_normalising(path: &[u8]) -> bool {
