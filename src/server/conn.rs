@@ -179,6 +179,7 @@ fn verdict(seen: Seen, now: Instant, t: Timeouts) -> Verdict {
         // HTTP/1.1: no next head within header_read_timeout.
         Some(idle) if !seen.h2 && idle >= t.header_read => Verdict::Drop,
         Some(idle) if idle >= t.idle => Verdict::Idle,
+        // Below both limits here: `quiet - idle` is positive.
         Some(idle) => later(quiet - idle),
     }
 }
