@@ -26,7 +26,7 @@ use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, Version};
@@ -206,44 +206,107 @@ where
     let mut timer = pin!(tokio::time::sleep_until(first.into()));
     let mut closing = false;
     let mut stopping = false;
-    let result = loop {
-        tokio::select! {
-            biased;
-            r = conn.as_mut() => break r,
-            _ = stop.changed(), if !stopping => {
-                stopping = true;
-                shutdown(conn.as_mut());
-            }
-            () = timer.as_mut() => {
-                let last = state.last_end.load(Ordering::Acquire);
-                let since = (last != 0).then(|| {
-                    coarsetime::Instant::now()
-                        .duration_since(coarsetime::Instant::from_ticks(last))
-                        .into()
-                });
-                let seen = Seen {
-                    open: state.open.load(Ordering::Acquire),
-                    since,
-                    closing,
-                    h2: state.h2.load(Ordering::Relaxed),
-                };
-                let now = Instant::now();
-                match verdict(seen, now, timeouts) {
-                    Verdict::Wait(at) => timer.as_mut().reset(at.into()),
-                    Verdict::Idle => {
-                        closing = true;
-                        shutdown(conn.as_mut());
-                        let at = now.checked_add(timeouts.header_read).unwrap_or(now);
-                        timer.as_mut().reset(at.into());
-                    }
-                    Verdict::Drop => break Ok(()),
+    let mut alarm: Option<(Arc<Alarm>, Waker)> = None;
+    let result = {
+        let mut stopped = pin!(stop.changed());
+        std::future::poll_fn(|cx| {
+            loop {
+                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(r);
                 }
+                let (bell, waker) = Alarm::for_task(&mut alarm, cx.waker());
+                if !bell.rung.swap(false, Ordering::AcqRel) {
+                    return Poll::Pending;
+                }
+                let mut acx = Context::from_waker(waker);
+                let mut acted = false;
+                if !stopping && stopped.as_mut().poll(&mut acx).is_ready() {
+                    stopping = true;
+                    shutdown(conn.as_mut());
+                    acted = true;
+                }
+                if timer.as_mut().poll(&mut acx).is_ready() {
+                    let last = state.last_end.load(Ordering::Acquire);
+                    let since = (last != 0).then(|| {
+                        coarsetime::Instant::now()
+                            .duration_since(coarsetime::Instant::from_ticks(last))
+                            .into()
+                    });
+                    let seen = Seen {
+                        open: state.open.load(Ordering::Acquire),
+                        since,
+                        closing,
+                        h2: state.h2.load(Ordering::Relaxed),
+                    };
+                    let now = Instant::now();
+                    match verdict(seen, now, timeouts) {
+                        Verdict::Wait(at) => timer.as_mut().reset(at.into()),
+                        Verdict::Idle => {
+                            closing = true;
+                            shutdown(conn.as_mut());
+                            let at = now.checked_add(timeouts.header_read).unwrap_or(now);
+                            timer.as_mut().reset(at.into());
+                        }
+                        Verdict::Drop => return Poll::Ready(Ok(())),
+                    }
+                    acted = true;
+                }
+                if !acted {
+                    return Poll::Pending;
+                }
+                // The connection again (a graceful close may end it at
+                // once), then the re-armed timer, to register it.
+                bell.rung.store(true, Ordering::Release);
             }
-        }
+        })
+        .await
     };
     drop(permit);
     drop(stop);
     result
+}
+
+/// The waker the watchdog's timer and `stop` are polled with: notes that
+/// one of them woke the task, so that the task's many other wake-ups (its
+/// socket, its upstream connections: a few per request) poll only the
+/// connection, not the timer and `stop` as well.
+#[derive(Debug)]
+struct Alarm {
+    rung: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for Alarm {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.rung.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
+impl Alarm {
+    /// The alarm that wakes `task`: `alarm`, or a new one (rung, so that
+    /// the timer and `stop` register it) for a first poll or a task whose
+    /// waker changed.
+    fn for_task<'a>(
+        alarm: &'a mut Option<(Arc<Self>, Waker)>,
+        task: &Waker,
+    ) -> &'a (Arc<Self>, Waker) {
+        if !alarm.as_ref().is_some_and(|(a, _)| a.task.will_wake(task)) {
+            *alarm = None;
+        }
+        alarm.get_or_insert_with(|| {
+            let bell = Arc::new(Self {
+                rung: AtomicBool::new(true),
+                task: task.clone(),
+            });
+            let waker = Waker::from(Arc::clone(&bell));
+            (bell, waker)
+        })
+    }
 }
 
 /// What a connection's requests are answered by: the proxy, or the admin
