@@ -68,6 +68,36 @@ async fn half_sent_prefaces_and_heads_are_closed_on_both_listeners() {
 }
 
 #[tokio::test]
+async fn a_half_sent_head_after_a_kept_alive_request_is_closed_on_both_listeners() {
+    let fake = FakeCriteo::start().await;
+    // Idle connections are left alone for a minute: only the header read
+    // timeout can close these.
+    let proxy = TestProxy::builder(&fake)
+        .server("header_read_timeout = \"300ms\"")
+        .server("idle_timeout = \"60s\"")
+        .start()
+        .await;
+    proxy.wait_ready().await;
+    for (listener, path) in [(&proxy.url, "/x"), (&proxy.admin, "/healthz")] {
+        let mut s = raw::send(
+            listener,
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes(),
+        )
+        .await;
+        let (head, _) = raw::read_response(&mut s).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        s.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\nx-criteo-ten")
+            .await
+            .unwrap();
+        assert!(
+            until_closed(&mut s).await.is_empty(),
+            "closed without an answer"
+        );
+    }
+    assert_eq!(fake.seen_path("/x").len(), 1);
+}
+
+#[tokio::test]
 async fn a_request_body_that_stops_is_closed_whether_kept_or_streamed_on_both_listeners() {
     let fake = FakeCriteo::start().await;
     let proxy = quick(TestProxy::builder(&fake))

@@ -8,9 +8,11 @@
 //!   connection with no open stream): `server.idle_timeout`, then a
 //!   graceful close (HTTP/2: GOAWAY); if that does not end it, closed
 //!   after `server.header_read_timeout` more.
-//! - HTTP/1.1 heads after the first: hyper's `header_read_timeout`, which
-//!   starts when the previous response ends. HTTP/2: a ping after
-//!   `server.idle_timeout` of silence, closed if unanswered as long.
+//! - HTTP/1.1 heads after the first: `server.header_read_timeout` from
+//!   the end of the previous response, then closed (hyper's own
+//!   `header_read_timeout` would do the same with a timer made, armed and
+//!   dropped per request). HTTP/2: a ping after `server.idle_timeout` of
+//!   silence, closed if unanswered as long.
 //! - Request bodies: `server.body_read_timeout` between bytes
 //!   (`proxy/body.rs`).
 //!
@@ -23,11 +25,11 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::{Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -53,6 +55,8 @@ struct Conn<T> {
     open: AtomicUsize,
     /// When the last response ended (coarse clock ticks); 0: none yet.
     last_end: AtomicU64,
+    /// Whether it is an HTTP/2 connection (known from its first request).
+    h2: AtomicBool,
 }
 
 impl<T> Conn<T> {
@@ -61,6 +65,7 @@ impl<T> Conn<T> {
             app,
             open: AtomicUsize::new(0),
             last_end: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
         })
     }
 }
@@ -141,25 +146,41 @@ enum Verdict {
     Drop,
 }
 
-/// The watchdog's rule, given the connection's state at `now`. `since` is
-/// how long ago the last response ended (`None`: no request yet),
-/// `closing` whether a graceful close was already asked for.
-fn verdict(
+/// What the watchdog knows of its connection when its timer fires.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// Requests whose response has not ended.
     open: usize,
+    /// How long ago the last response ended (`None`: no request yet).
     since: Option<Duration>,
+    /// Whether a graceful close was already asked for.
     closing: bool,
-    now: Instant,
-    t: Timeouts,
-) -> Verdict {
+    /// HTTP/2, whose next request head is not timed (its streams are).
+    h2: bool,
+}
+
+/// The watchdog's rule, given what it sees at `now`.
+fn verdict(seen: Seen, now: Instant, t: Timeouts) -> Verdict {
     let later = |d: Duration| Verdict::Wait(now.checked_add(d).unwrap_or(now));
-    match since {
-        _ if open > 0 => later(t.idle),
+    // How long an HTTP/1.1 connection may wait for its next head: looked
+    // at that often while a request is open, so that the deadline after
+    // its end is met on time.
+    let quiet = if seen.h2 {
+        t.idle
+    } else {
+        t.idle.min(t.header_read)
+    };
+    match seen.since {
+        _ if seen.open > 0 => later(quiet),
         // No complete request head within header_read_timeout.
         None => Verdict::Drop,
         // A graceful close that did not end the connection.
-        Some(_) if closing => Verdict::Drop,
+        Some(_) if seen.closing => Verdict::Drop,
+        // HTTP/1.1: no next head within header_read_timeout.
+        Some(idle) if !seen.h2 && idle >= t.header_read => Verdict::Drop,
         Some(idle) if idle >= t.idle => Verdict::Idle,
-        Some(idle) => later(t.idle - idle),
+        // Below both limits here: `quiet - idle` is positive.
+        Some(idle) => later(quiet - idle),
     }
 }
 
@@ -185,39 +206,107 @@ where
     let mut timer = pin!(tokio::time::sleep_until(first.into()));
     let mut closing = false;
     let mut stopping = false;
-    let result = loop {
-        tokio::select! {
-            biased;
-            r = conn.as_mut() => break r,
-            _ = stop.changed(), if !stopping => {
-                stopping = true;
-                shutdown(conn.as_mut());
-            }
-            () = timer.as_mut() => {
-                let last = state.last_end.load(Ordering::Acquire);
-                let since = (last != 0).then(|| {
-                    coarsetime::Instant::now()
-                        .duration_since(coarsetime::Instant::from_ticks(last))
-                        .into()
-                });
-                let open = state.open.load(Ordering::Acquire);
-                let now = Instant::now();
-                match verdict(open, since, closing, now, timeouts) {
-                    Verdict::Wait(at) => timer.as_mut().reset(at.into()),
-                    Verdict::Idle => {
-                        closing = true;
-                        shutdown(conn.as_mut());
-                        let at = now.checked_add(timeouts.header_read).unwrap_or(now);
-                        timer.as_mut().reset(at.into());
-                    }
-                    Verdict::Drop => break Ok(()),
+    let mut alarm: Option<(Arc<Alarm>, Waker)> = None;
+    let result = {
+        let mut stopped = pin!(stop.changed());
+        std::future::poll_fn(|cx| {
+            loop {
+                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(r);
                 }
+                let (bell, waker) = Alarm::for_task(&mut alarm, cx.waker());
+                if !bell.rung.swap(false, Ordering::AcqRel) {
+                    return Poll::Pending;
+                }
+                let mut acx = Context::from_waker(waker);
+                let mut acted = false;
+                if !stopping && stopped.as_mut().poll(&mut acx).is_ready() {
+                    stopping = true;
+                    shutdown(conn.as_mut());
+                    acted = true;
+                }
+                if timer.as_mut().poll(&mut acx).is_ready() {
+                    let last = state.last_end.load(Ordering::Acquire);
+                    let since = (last != 0).then(|| {
+                        coarsetime::Instant::now()
+                            .duration_since(coarsetime::Instant::from_ticks(last))
+                            .into()
+                    });
+                    let seen = Seen {
+                        open: state.open.load(Ordering::Acquire),
+                        since,
+                        closing,
+                        h2: state.h2.load(Ordering::Relaxed),
+                    };
+                    let now = Instant::now();
+                    match verdict(seen, now, timeouts) {
+                        Verdict::Wait(at) => timer.as_mut().reset(at.into()),
+                        Verdict::Idle => {
+                            closing = true;
+                            shutdown(conn.as_mut());
+                            let at = now.checked_add(timeouts.header_read).unwrap_or(now);
+                            timer.as_mut().reset(at.into());
+                        }
+                        Verdict::Drop => return Poll::Ready(Ok(())),
+                    }
+                    acted = true;
+                }
+                if !acted {
+                    return Poll::Pending;
+                }
+                // The connection again (a graceful close may end it at
+                // once), then the re-armed timer, to register it.
+                bell.rung.store(true, Ordering::Release);
             }
-        }
+        })
+        .await
     };
     drop(permit);
     drop(stop);
     result
+}
+
+/// The waker the watchdog's timer and `stop` are polled with: notes that
+/// one of them woke the task, so that the task's many other wake-ups (its
+/// socket, its upstream connections: a few per request) poll only the
+/// connection, not the timer and `stop` as well.
+#[derive(Debug)]
+struct Alarm {
+    rung: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for Alarm {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.rung.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
+impl Alarm {
+    /// The alarm that wakes `task`: `alarm`, or a new one (rung, so that
+    /// the timer and `stop` register it) for a first poll or a task whose
+    /// waker changed.
+    fn for_task<'a>(
+        alarm: &'a mut Option<(Arc<Self>, Waker)>,
+        task: &Waker,
+    ) -> &'a (Arc<Self>, Waker) {
+        if !alarm.as_ref().is_some_and(|(a, _)| a.task.will_wake(task)) {
+            *alarm = None;
+        }
+        alarm.get_or_insert_with(|| {
+            let bell = Arc::new(Self {
+                rung: AtomicBool::new(true),
+                task: task.clone(),
+            });
+            let waker = Waker::from(Arc::clone(&bell));
+            (bell, waker)
+        })
+    }
 }
 
 /// What a connection's requests are answered by: the proxy, or the admin
@@ -248,7 +337,10 @@ pub(crate) fn spawn<H: Handler>(
     let state = Conn::new(handler);
     let svc = {
         let state = Arc::clone(&state);
-        service_fn(move |req| {
+        service_fn(move |req: Request<Incoming>| {
+            if req.version() == Version::HTTP_2 {
+                state.h2.store(true, Ordering::Relaxed);
+            }
             let open = Open::begin(&state);
             async move {
                 let resp = open.app().call(req).await;
@@ -342,34 +434,79 @@ mod tests {
         idle: Duration::from_secs(60),
     };
 
+    /// What the watchdog sees: `open` requests, the last response ended
+    /// `since` ago, on an HTTP/2 connection if `h2`.
+    fn seen(open: usize, since: Option<u64>, closing: bool, h2: bool) -> Seen {
+        Seen {
+            open,
+            since: since.map(Duration::from_secs),
+            closing,
+            h2,
+        }
+    }
+
     #[test]
     fn a_connection_without_a_request_is_dropped_at_the_first_deadline() {
         let now = Instant::now();
-        assert_eq!(verdict(0, None, false, now, T), Verdict::Drop);
+        for h2 in [false, true] {
+            assert_eq!(verdict(seen(0, None, false, h2), now, T), Verdict::Drop);
+        }
     }
 
     #[test]
     fn a_connection_with_a_request_in_progress_is_left_alone() {
         let now = Instant::now();
-        let later = Verdict::Wait(now + T.idle);
-        assert_eq!(verdict(1, None, false, now, T), later);
-        assert_eq!(
-            verdict(2, Some(Duration::from_secs(600)), false, now, T),
-            later
-        );
-        assert_eq!(verdict(1, Some(Duration::ZERO), true, now, T), later);
+        for (h2, every) in [(true, T.idle), (false, T.header_read)] {
+            let later = Verdict::Wait(now + every);
+            assert_eq!(verdict(seen(1, None, false, h2), now, T), later);
+            assert_eq!(verdict(seen(2, Some(600), false, h2), now, T), later);
+            assert_eq!(verdict(seen(1, Some(0), true, h2), now, T), later);
+        }
     }
 
     #[test]
-    fn an_idle_connection_is_closed_gracefully_then_dropped() {
+    fn an_idle_http2_connection_is_closed_gracefully_then_dropped() {
         let now = Instant::now();
         assert_eq!(
-            verdict(0, Some(Duration::from_secs(20)), false, now, T),
+            verdict(seen(0, Some(20), false, true), now, T),
             Verdict::Wait(now + Duration::from_secs(40)),
             "looks again when the idle time is up"
         );
-        assert_eq!(verdict(0, Some(T.idle), false, now, T), Verdict::Idle);
-        assert_eq!(verdict(0, Some(T.idle), true, now, T), Verdict::Drop);
+        assert_eq!(
+            verdict(seen(0, Some(60), false, true), now, T),
+            Verdict::Idle
+        );
+        assert_eq!(
+            verdict(seen(0, Some(60), true, true), now, T),
+            Verdict::Drop
+        );
+    }
+
+    #[test]
+    fn an_http1_connection_without_its_next_head_in_time_is_dropped() {
+        let now = Instant::now();
+        assert_eq!(
+            verdict(seen(0, Some(20), false, false), now, T),
+            Verdict::Wait(now + Duration::from_secs(10)),
+            "looks again when the header read time is up"
+        );
+        assert_eq!(
+            verdict(seen(0, Some(30), false, false), now, T),
+            Verdict::Drop
+        );
+        // An idle time shorter than the header read time comes first.
+        let short = Timeouts {
+            header_read: Duration::from_secs(30),
+            idle: Duration::from_secs(10),
+        };
+        assert_eq!(
+            verdict(seen(0, Some(10), false, false), now, short),
+            Verdict::Idle
+        );
+        assert_eq!(
+            verdict(seen(0, Some(5), false, false), now, short),
+            Verdict::Wait(now + Duration::from_secs(5))
+        );
     }
 
     #[test]

@@ -86,10 +86,11 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
         // A client that does not finish its headers in time is dropped
-        // (slowloris); headers larger than the buffer get a 431.
-        .header_read_timeout(limits.header_read_timeout)
+        // (slowloris) by the connection's watchdog (`conn.rs`), with one
+        // timer per connection; hyper's would make one per request.
+        .header_read_timeout(None)
+        // Headers larger than the buffer get a 431.
         .max_buf_size(limits.max_header_bytes);
     builder
         .http2()
