@@ -13,6 +13,14 @@
 #   TLS=1 benches/fixed-rate.sh              # the upstream over HTTPS, HTTP/2 by ALPN
 #   PROXY_BIN=/path/to/criteo-token-proxy ...       # that binary, no cargo build
 #   OHA=/path/to/oha ...                     # that oha, no cargo install
+#   SATURATION_BY=oha benches/fixed-rate.sh  # nginx's rate under oha instead
+#
+# On two cores the load generator shares the CPU with the parties it
+# measures, and oha costs about 18 us of CPU per request where wrk costs
+# about 9: 75 % of the rate nginx reaches under wrk keeps the machine about
+# 95 % busy once oha drives it, so that step measures queueing on a saturated
+# machine more than either proxy. SATURATION_BY=oha takes the fractions of
+# the rate nginx reaches under oha itself: loads the machine carries.
 #
 # The load generator is oha $OHA_VERSION (`-q RATE --latency-correction`),
 # installed with `cargo install --locked` under ~/.cache if missing. Why oha
@@ -62,6 +70,8 @@ TAIL=${TAIL:-1s}
 CONNS=${CONNS:-64}
 LOADS=${LOADS:-25 50 75}
 SATURATION=${SATURATION:-5s}
+SATURATION_BY=${SATURATION_BY:-wrk}
+case $SATURATION_BY in oha|wrk) ;; *) echo "SATURATION_BY=$SATURATION_BY: oha or wrk" >&2; exit 2;; esac
 WRK_THREADS=${WRK_THREADS:-2}
 OHA_THREADS=${OHA_THREADS:-1}
 OHA_VERSION=1.16.0
@@ -109,15 +119,21 @@ if (( TLS )); then echo "upstream: HTTPS (TLS, HTTP/2 offered by ALPN), nginx pr
 else echo "upstream: plain HTTP/1.1, nginx proxy_pass http:// with keepalive 128"; fi
 
 # Warm-up (both proxies open their upstream connections), then nginx's
-# saturation rate with compare-nginx.sh's load.
+# saturation rate (SATURATION_BY: wrk by default, see above).
 wrk_rps() { # port duration
   wrk -t"$WRK_THREADS" -c"$CONNS" -d"$2" "http://127.0.0.1:$1$URL_PATH" | awk '/^Requests\/sec:/ {print int($2)}'
 }
+# oha as fast as it can (no -q): 2xx answers per second of its run.
+oha_rps() { # port duration
+  TOKIO_WORKER_THREADS=$OHA_THREADS "$OHA" -c "$CONNS" -z "$2" --no-tui --output-format json "http://127.0.0.1:$1$URL_PATH" 2>/dev/null |
+    python3 -c 'import json, sys; d = json.load(sys.stdin); print(int(sum(v for k, v in d["statusCodeDistribution"].items() if k.startswith("2")) / d["summary"]["total"]))'
+}
 wrk_rps "$NGX" 2s >/dev/null
 wrk_rps "$CTP" 2s >/dev/null
-SAT=$(wrk_rps "$NGX" "$SATURATION")
-(( SAT > 0 )) || { echo "wrk measured no rate against nginx" >&2; exit 1; }
-echo "nginx saturation: $SAT req/s (wrk -t$WRK_THREADS -c$CONNS -d$SATURATION)"
+SAT=$("${SATURATION_BY}_rps" "$NGX" "$SATURATION")
+(( SAT > 0 )) || { echo "$SATURATION_BY measured no rate against nginx" >&2; exit 1; }
+if [ "$SATURATION_BY" = oha ]; then echo "nginx saturation: $SAT req/s (oha -c$CONNS -z$SATURATION, TOKIO_WORKER_THREADS=$OHA_THREADS)"
+else echo "nginx saturation: $SAT req/s (wrk -t$WRK_THREADS -c$CONNS -d$SATURATION)"; fi
 echo "fixed rate: oha $OHA_VERSION -c$CONNS -q RATE --latency-correction (TOKIO_WORKER_THREADS=$OHA_THREADS), $ROUNDS alternating rounds;" \
      "per step ${W}s warm-up + ${D}s measured + ${T}s tail; loads ${LOADS// /, } % of nginx's rate"
 
