@@ -9,6 +9,7 @@ mod asked;
 mod body;
 pub(crate) mod headers;
 mod local;
+mod refused;
 mod send;
 mod settle;
 mod throttled;

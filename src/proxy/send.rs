@@ -1,7 +1,10 @@
 //! Phase 4, send: the body kept for a replay (or streamed), a place on an
 //! upstream connection, the request sent with its answer bounded in time,
 //! and replayed once with a fresh token on a 401, or after a pause on
-//! Criteo's 429 to a tenant with a limit ([`super::throttled`]).
+//! Criteo's 429 to a tenant with a limit ([`super::throttled`]). A request
+//! the HTTP/2 upstream refused unprocessed (`REFUSED_STREAM`, or a
+//! `GOAWAY` before its stream) is sent again as it was, if its body was
+//! kept.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -15,6 +18,7 @@ use http::{
 use http_body_util::Either;
 use hyper::body::Incoming;
 
+use super::refused::RESENDS;
 use super::settle::{Failed, Leftover};
 use super::unavailable;
 use super::{BodyEnd, BodyError, End, OutBody, Prepared, Proxy, ResponseBody, headers, prepare};
@@ -111,15 +115,29 @@ impl Proxy {
             std::mem::take(&mut parts.headers),
             OutBody::full(bytes.clone()),
         );
-        let mut resp = self
-            .send(tenant, slot, first, None, upstream_time)
-            .await
-            .map_err(Failed::read)?;
-        let throttled = resp.status() == StatusCode::TOO_MANY_REQUESTS;
-        if resp.status() != StatusCode::UNAUTHORIZED && !throttled {
+        let answer = self.exchange(slot, first, None, upstream_time).await;
+        let resp = match answer {
+            // Rare: sent again in a boxed future, so that no request's
+            // future holds room for it.
+            Err(e) if e.refused() => {
+                let again = Replay {
+                    method: parts.method,
+                    uri,
+                    headers: kept.into_iter().collect(),
+                    bytes,
+                    generation,
+                    path: parts.uri.path().to_owned(),
+                };
+                return Box::pin(self.resend(tenant, e, again, upstream_time)).await;
+            }
+            answer => self.answered(tenant, answer).map_err(Failed::read)?,
+        };
+        if resp.status() != StatusCode::UNAUTHORIZED
+            && resp.status() != StatusCode::TOO_MANY_REQUESTS
+        {
             return Ok(resp.map(Either::Left));
         }
-        let mut again = Replay {
+        let again = Replay {
             method: parts.method,
             uri,
             headers: kept.into_iter().collect(),
@@ -127,10 +145,24 @@ impl Proxy {
             generation,
             path: parts.uri.path().to_owned(),
         };
-        if !throttled {
+        self.replay_if_asked(tenant, resp, again, upstream_time)
+            .await
+    }
+
+    /// A 401 replays the request once with a fresh token; Criteo's 429 to
+    /// a tenant with a limit sends it again at its new turn; any other
+    /// answer (a tenant without a limit gets Criteo's 429 as it came) goes
+    /// back as it is.
+    pub(super) async fn replay_if_asked(
+        &self,
+        tenant: &Tenant,
+        mut resp: Response<UpstreamBody>,
+        mut again: Replay,
+        upstream_time: &mut Option<Duration>,
+    ) -> Result<Response<ResponseBody>, Failed> {
+        if resp.status() == StatusCode::UNAUTHORIZED {
             resp = Box::pin(self.replay(tenant, resp, &mut again, upstream_time)).await?;
         }
-        // A tenant without a limit gets Criteo's 429 back as it came.
         if let Some(pacing) = tenant.pacing.as_deref()
             && resp.status() == StatusCode::TOO_MANY_REQUESTS
         {
@@ -167,20 +199,7 @@ impl Proxy {
             .map_err(|u| Failed::read(unavailable(tenant, u)))?;
         again.headers.insert(AUTHORIZATION, fresh.header().clone());
         again.generation = fresh.generation();
-        let slot = self
-            .upstream
-            .acquire()
-            .await
-            .map_err(|busy| Failed::read(ProxyError::UpstreamBusy(busy.0)))?;
-        let second = outgoing(
-            again.method.clone(),
-            again.uri.clone(),
-            again.headers.clone(),
-            OutBody::full(again.bytes.clone()),
-        );
-        self.send(tenant, slot, second, None, upstream_time)
-            .await
-            .map_err(Failed::read)
+        self.send_again(tenant, again, RESENDS, upstream_time).await
     }
 
     /// A streamed body cannot be replayed; a 401 still retires the token,
@@ -256,6 +275,20 @@ impl Proxy {
         end: Option<&mut BodyEnd>,
         upstream_time: &mut Option<Duration>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let answer = self.exchange(slot, req, end, upstream_time).await;
+        self.answered(tenant, answer)
+    }
+
+    /// [`Proxy::send`] up to the upstream's answer or failure, before the
+    /// failure becomes the client's answer (a refused request may be sent
+    /// again instead).
+    pub(super) async fn exchange(
+        &self,
+        slot: Slot,
+        req: Request<OutBody>,
+        end: Option<&mut BodyEnd>,
+        upstream_time: &mut Option<Duration>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let timeout = self.upstream.timeout();
         let sent = upstream_time.map(|_| Instant::now());
         let answer = match end {
@@ -270,8 +303,18 @@ impl Proxy {
         if let (Some(total), Some(sent)) = (upstream_time.as_mut(), sent) {
             *total += sent.elapsed();
         }
+        answer
+    }
+
+    /// The upstream's answer, cleaned, or the client's answer to its
+    /// failure.
+    pub(super) fn answered(
+        &self,
+        tenant: &Tenant,
+        answer: Result<Response<UpstreamBody>, SendError>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         match answer {
-            Err(SendError::TimedOut) => Err(ProxyError::UpstreamTimeout(timeout)),
+            Err(SendError::TimedOut) => Err(ProxyError::UpstreamTimeout(self.upstream.timeout())),
             Err(e) => {
                 tracing::debug!(written = e.maybe_written(), error = %e, "upstream request failed");
                 Err(ProxyError::UpstreamUnreachable(error::chain(&e)))

@@ -11,7 +11,8 @@ use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use super::Proxy;
-use super::send::{DRAIN_LIMIT, Replay, outgoing};
+use super::refused::RESENDS;
+use super::send::{DRAIN_LIMIT, Replay};
 use super::settle::Failed;
 use crate::error::ProxyError;
 use crate::pacing::Pacing;
@@ -92,21 +93,9 @@ impl Proxy {
                 .await
                 .map_err(Failed::read)?;
             again.generation = generation;
-            let slot = self
-                .upstream
-                .acquire()
-                .await
-                .map_err(|busy| Failed::read(ProxyError::UpstreamBusy(busy.0)))?;
-            let req = outgoing(
-                again.method.clone(),
-                again.uri.clone(),
-                again.headers.clone(),
-                super::OutBody::full(again.bytes.clone()),
-            );
             resp = self
-                .send(tenant, slot, req, None, upstream_time)
-                .await
-                .map_err(Failed::read)?;
+                .send_again(tenant, again, RESENDS, upstream_time)
+                .await?;
             if resp.status() != StatusCode::TOO_MANY_REQUESTS {
                 return Ok(resp);
             }

@@ -89,6 +89,26 @@ impl SendError {
     pub(crate) fn maybe_written(&self) -> bool {
         matches!(self, SendError::Request(_) | SendError::TimedOut)
     }
+
+    /// Whether the HTTP/2 upstream said it did not process the request,
+    /// which may then be sent again (RFC 9113): its stream was reset with
+    /// `REFUSED_STREAM` (section 8.7), or a `GOAWAY` came whose last stream
+    /// is below it, or before it could be opened (section 6.8: nginx does
+    /// so after `keepalive_requests`). Only the peer's word counts: a
+    /// stream ended by anything else (an I/O error, h2's own reset) may
+    /// have been processed. Looked at only once a request has failed.
+    pub(crate) fn refused(&self) -> bool {
+        let SendError::Request(e) = self else {
+            return false;
+        };
+        let Some(h2) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>())
+        else {
+            return false;
+        };
+        h2.is_remote()
+            && (h2.is_go_away()
+                || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)))
+    }
 }
 
 /// Every slot of the worker stayed taken for the whole wait.
@@ -200,7 +220,9 @@ impl Upstream {
     /// most `bound` (unbounded with `None`: the caller bounds the wait). A
     /// request that a pooled connection could not take (it had just
     /// closed) goes on another one; a request that was written is never
-    /// sent twice. The slot stays with the response body until it ends.
+    /// sent twice here (the caller may send again one the upstream
+    /// refused unprocessed: [`SendError::refused`]). The slot stays with
+    /// the response body until it ends.
     pub(crate) async fn send(
         &self,
         slot: Slot,
