@@ -116,19 +116,20 @@ impl Proxy {
             OutBody::full(bytes.clone()),
         );
         let answer = self.exchange(slot, first, None, upstream_time).await;
+        // What a second attempt sends, built only when one is needed.
+        let again = move || Replay {
+            method: parts.method,
+            uri,
+            headers: kept.into_iter().collect(),
+            bytes,
+            generation,
+            path: parts.uri.path().to_owned(),
+        };
         let resp = match answer {
             // Rare: sent again in a boxed future, so that no request's
             // future holds room for it.
             Err(e) if e.refused() => {
-                let again = Replay {
-                    method: parts.method,
-                    uri,
-                    headers: kept.into_iter().collect(),
-                    bytes,
-                    generation,
-                    path: parts.uri.path().to_owned(),
-                };
-                return Box::pin(self.resend(tenant, e, again, upstream_time)).await;
+                return Box::pin(self.resend(tenant, e, again(), upstream_time)).await;
             }
             answer => self.answered(tenant, answer).map_err(Failed::read)?,
         };
@@ -137,14 +138,7 @@ impl Proxy {
         {
             return Ok(resp.map(Either::Left));
         }
-        let again = Replay {
-            method: parts.method,
-            uri,
-            headers: kept.into_iter().collect(),
-            bytes,
-            generation,
-            path: parts.uri.path().to_owned(),
-        };
+        let again = again();
         self.replay_if_asked(tenant, resp, again, upstream_time)
             .await
     }
