@@ -6,25 +6,11 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::process::{Running, fake_config, write};
+use support::process::{MAIN, OTHER, Running, fake_config, status, write};
 use support::{FakeCriteo, client};
 
 fn config(fake: &FakeCriteo, tenants: &str) -> String {
     fake_config(fake, tenants)
-}
-
-const MAIN: &str = "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret = \"main-secret\"\n";
-const OTHER: &str = "[tenants.other]\ngrant = \"client_credentials\"\nclient_id = \"other-id\"\nclient_secret = \"other-secret\"\n";
-
-async fn status(proxy: &Running, tenant: &str) -> u16 {
-    client()
-        .get(format!("{}/x", proxy.proxy))
-        .header("x-criteo-tenant", tenant)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
 }
 
 /// Waits for the n-th log line with this message.

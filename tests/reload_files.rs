@@ -8,24 +8,10 @@ mod support;
 
 use std::path::Path;
 
-use support::process::{Running, fake_config, write};
-use support::{FakeCriteo, client};
-
-const MAIN: &str = "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret = \"main-secret\"\n";
-const OTHER: &str = "[tenants.other]\ngrant = \"client_credentials\"\nclient_id = \"other-id\"\nclient_secret = \"other-secret\"\n";
+use support::FakeCriteo;
+use support::process::{MAIN, OTHER, Running, fake_config, status, write};
 
 const WATCHING: &str = "watching the configuration and the files it names for changes";
-
-async fn status(proxy: &Running, tenant: &str) -> u16 {
-    client()
-        .get(format!("{}/x", proxy.proxy))
-        .header("x-criteo-tenant", tenant)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
 
 async fn fake() -> FakeCriteo {
     FakeCriteo::builder()

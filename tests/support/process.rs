@@ -169,3 +169,19 @@ impl Running {
         let _ = self.child.wait().await;
     }
 }
+
+/// Two client-credentials tenants, as the reload tests add and remove them.
+pub const MAIN: &str = "[tenants.main]\ngrant = \"client_credentials\"\nclient_id = \"main-id\"\nclient_secret = \"main-secret\"\n";
+pub const OTHER: &str = "[tenants.other]\ngrant = \"client_credentials\"\nclient_id = \"other-id\"\nclient_secret = \"other-secret\"\n";
+
+/// The status a request for `tenant` gets from the running proxy.
+pub async fn status(proxy: &Running, tenant: &str) -> u16 {
+    super::client()
+        .get(format!("{}/x", proxy.proxy))
+        .header("x-criteo-tenant", tenant)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
