@@ -67,6 +67,10 @@ async fn run(plane: Plane, mut stop: oneshot::Receiver<Instant>) {
         metrics,
         reload_from,
     } = plane;
+    // Before anything can be logged as started: a SIGHUP that comes before
+    // the handler would terminate the process (its default action). The
+    // handler buffers one that comes while the refreshers start.
+    let mut hangup = hangup_signal(reload_from.is_some());
     for t in tenants.load_full().iter() {
         if let Some(cfg) = config.tenants.iter().find(|c| *c.name == *t.name) {
             refreshers.start(t, cfg);
@@ -76,7 +80,6 @@ async fn run(plane: Plane, mut stop: oneshot::Receiver<Instant>) {
         Some(path) => Some(Reloader::new(path, config, tenants, metrics).await),
         None => None,
     };
-    let mut hangup = hangup_signal(reloader.is_some());
     loop {
         tokio::select! {
             deadline = &mut stop => {
