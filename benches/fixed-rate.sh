@@ -4,10 +4,11 @@
 # Authorization header and criteo-token-proxy, in front of the same upstream
 # as compare-nginx.sh (common.sh's configurations). First nginx's saturation
 # rate is measured (wrk, as compare-nginx.sh loads it); then at 25 %, 50 % and
-# 75 % of that rate each proxy is driven in turn at a fixed rate by oha, over
+# 75 % of that rate each proxy is driven in turn at a fixed rate, over
 # alternating rounds, and its p50 / p99 / p99.9 latency reported.
 #
 #   benches/fixed-rate.sh                    # 3 rounds, 10 s per step: ~4 minutes
+#   GENERATOR=oha benches/fixed-rate.sh      # oha drives the load (see below)
 #   ROUNDS=1 DURATION=3s benches/fixed-rate.sh      # a quick check of the script
 #   LOADS="10 50 90" benches/fixed-rate.sh   # other fractions of nginx's rate, in %
 #   TLS=1 benches/fixed-rate.sh              # the upstream over HTTPS, HTTP/2 by ALPN
@@ -15,16 +16,21 @@
 #   OHA=/path/to/oha ...                     # that oha, no cargo install
 #   SATURATION_BY=oha benches/fixed-rate.sh  # nginx's rate under oha instead
 #
-# On two cores the load generator shares the CPU with the parties it
-# measures, and oha costs about 18 us of CPU per request where wrk costs
-# about 9: 75 % of the rate nginx reaches under wrk keeps the machine about
-# 95 % busy once oha drives it, so that step measures queueing on a saturated
+# The load generator (GENERATOR) is benches/openloop.rs by default, built by
+# this script: one thread, oha's scheduling model (below), records kept in a
+# vector sized for the whole run. On two cores the generator shares the CPU
+# with the parties it measures; oha costs about 18 us of CPU per request
+# where wrk costs about 9, and it stalls whenever its vector of results
+# doubles: slow answers bunched up at the same second of every run (6.78 s
+# at 9,663 req/s: the 65,536th record) for both proxies, and made most of the
+# p99. With GENERATOR=oha, 75 % of the rate nginx reaches under wrk keeps the
+# machine about 95 % busy, so that step measures queueing on a saturated
 # machine more than either proxy. SATURATION_BY=oha takes the fractions of
 # the rate nginx reaches under oha itself: loads the machine carries.
 #
-# The load generator is oha $OHA_VERSION (`-q RATE --latency-correction`),
+# GENERATOR=oha: oha $OHA_VERSION (`-q RATE --latency-correction`),
 # installed with `cargo install --locked` under ~/.cache if missing. Why oha
-# and not h2load: h2load --rps starts each request's clock when it sends it,
+# (and openloop, which schedules as it does) and not h2load: h2load --rps starts each request's clock when it sends it,
 # and an HTTP/1.1 connection sends its next request only once the previous
 # response is in, so a late response delays the requests queued behind it and
 # their wait is never counted (coordinated omission). oha's scheduler stamps
@@ -35,7 +41,11 @@
 # not counted, so it is measured: "lag" below.) Checked here: 2,000 req/s on
 # 64 connections to an nginx stopped (SIGSTOP) for 0.5 s of 3 s, so 1/6 of
 # the requests fall due during the stop: oha --latency-correction reports
-# p90 240 ms, p95 378 ms; h2load --h1 --rps, from its --log-file, 2.1 and 2.2.
+# p90 240 ms, p95 378 ms; h2load --h1 --rps, from its --log-file, 2.1 and 2.2;
+# openloop p90 213 ms, p95 359 ms, p99 474 ms (a request falling due t ms
+# into the stop waits 500 - t ms: 200, 350 and 470 expected). openloop costs
+# 14 and 12 us of CPU per request at 10,000 and 20,000 req/s, oha 25 and 17
+# (same nginx, 4 s windows, one run each).
 #
 # oha runs one tokio worker thread (OHA_THREADS=1): it shares the two cores
 # with the parties it measures, and with one thread it costs less (measured
@@ -45,14 +55,16 @@
 #
 # Each step runs $CONNS connections (the same for both proxies; each takes the
 # next due request when free) for WARMUP + DURATION + TAIL seconds and keeps
-# oha's per-request records (--db-url, SQLite): only requests due in the
+# the generator's per-request records (openloop's CSV, oha's --db-url
+# SQLite): only requests due in the
 # DURATION window count, so connection set-up (WARMUP) is left out and the
 # requests due at the window's end still have TAIL seconds to finish.
 # Reported per step: achieved rate (responses to requests due in the window,
 # per second), p50 / p99 / p99.9 latency (nearest rank), non-2xx responses,
-# errors (failed connections or requests, or no answer within 10 s), oha's
-# lag behind its schedule (p99.9; "~" past 2 ms), and the CPU used over the
-# window, in % of the whole machine: all of it (busy), oha's, the proxy's.
+# errors (failed connections or requests, or no answer within 10 s), the
+# generator's lag behind its schedule (p99.9; "~" past 2 ms), and the CPU used
+# over the window, in % of the whole machine: all of it (busy), the
+# generator's, the proxy's.
 # A step whose achieved rate falls more than 1 % short of the target, or that
 # had errors, is marked "!" and makes the script fail: a generator (or proxy)
 # that cannot keep up must not pass for a lower rate.
@@ -72,6 +84,8 @@ LOADS=${LOADS:-25 50 75}
 SATURATION=${SATURATION:-5s}
 SATURATION_BY=${SATURATION_BY:-wrk}
 case $SATURATION_BY in oha|wrk) ;; *) echo "SATURATION_BY=$SATURATION_BY: oha or wrk" >&2; exit 2;; esac
+GENERATOR=${GENERATOR:-openloop}
+case $GENERATOR in oha|openloop) ;; *) echo "GENERATOR=$GENERATOR: openloop or oha" >&2; exit 2;; esac
 WRK_THREADS=${WRK_THREADS:-2}
 OHA_THREADS=${OHA_THREADS:-1}
 OHA_VERSION=1.16.0
@@ -83,9 +97,18 @@ D=$(secs "$DURATION" DURATION); W=$(secs "$WARMUP" WARMUP); T=$(secs "$TAIL" TAI
 source "$(dirname "$0")/common.sh"
 need nginx wrk
 
+# openloop: built here (a bench target: `cargo bench` alone runs it idle).
+if [ "$GENERATOR" = openloop ] && [ -z "${OPENLOOP:-}" ]; then
+  OPENLOOP=$(cargo build --release --quiet --bench openloop --message-format=json |
+    python3 -c 'import json, sys
+for m in map(json.loads, sys.stdin):
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "openloop" and m.get("executable"):
+        print(m["executable"])' | tail -1)
+  [ -x "$OPENLOOP" ] || { echo "could not build benches/openloop.rs" >&2; exit 1; }
+fi
 # oha, pinned (its command line and its scheduler are what this script relies
 # on); cargo install builds it once, in a few minutes.
-if [ -z "${OHA:-}" ]; then
+if [ -z "${OHA:-}" ] && { [ "$GENERATOR" = oha ] || [ "$SATURATION_BY" = oha ]; }; then
   oha_root=${XDG_CACHE_HOME:-$HOME/.cache}/criteo-token-proxy-bench/oha-$OHA_VERSION
   OHA=$oha_root/bin/oha
   if [ ! -x "$OHA" ]; then
@@ -114,7 +137,7 @@ curl -fs "http://127.0.0.1:$NGX$URL_PATH" >/dev/null || { echo "nginx not servin
 
 # nginx's master and its workers (the proxy's threads are counted in its stat).
 read -r -a NGX_PIDS < <(echo "$NGX_PID" $(pgrep -P "$NGX_PID"))
-echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version); $("$OHA" --version)"
+echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version)$([ -z "${OHA:-}" ] || echo "; $("$OHA" --version)")"
 if (( TLS )); then echo "upstream: HTTPS (TLS, HTTP/2 offered by ALPN), nginx proxy_pass https:// with keepalive 128"
 else echo "upstream: plain HTTP/1.1, nginx proxy_pass http:// with keepalive 128"; fi
 
@@ -134,7 +157,9 @@ SAT=$("${SATURATION_BY}_rps" "$NGX" "$SATURATION")
 (( SAT > 0 )) || { echo "$SATURATION_BY measured no rate against nginx" >&2; exit 1; }
 if [ "$SATURATION_BY" = oha ]; then echo "nginx saturation: $SAT req/s (oha -c$CONNS -z$SATURATION, TOKIO_WORKER_THREADS=$OHA_THREADS)"
 else echo "nginx saturation: $SAT req/s (wrk -t$WRK_THREADS -c$CONNS -d$SATURATION)"; fi
-echo "fixed rate: oha $OHA_VERSION -c$CONNS -q RATE --latency-correction (TOKIO_WORKER_THREADS=$OHA_THREADS), $ROUNDS alternating rounds;" \
+if [ "$GENERATOR" = oha ]; then GEN_LABEL="oha $OHA_VERSION -c$CONNS -q RATE --latency-correction (TOKIO_WORKER_THREADS=$OHA_THREADS)"
+else GEN_LABEL="benches/openloop.rs, $CONNS connections, one thread"; fi
+echo "fixed rate: $GEN_LABEL, $ROUNDS alternating rounds;" \
      "per step ${W}s warm-up + ${D}s measured + ${T}s tail; loads ${LOADS// /, } % of nginx's rate"
 
 # cpu_sample PID...: CPU ticks of each process (its threads included), then
@@ -145,19 +170,24 @@ cpu_sample() {
   awk '/^cpu / {print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6}' /proc/stat
 }
 
-# One fixed-rate step: oha's summary (JSON: errors), its per-request records
-# (SQLite) and the CPU used during the measured window by the machine, oha and
-# the proxy under test, in $work/NAME.ROUND.LOAD.{json,db,cpu}.
-run_oha() { # name port round load rate proxy-pid...
-  local f="$work/$1.$3.$4" port=$2 rate=$5 oha a b
+# One fixed-rate step: the generator's summary (JSON: errors), its per-request
+# records (openloop: CSV; oha: SQLite) and the CPU used during the measured
+# window by the machine, the generator and the proxy under test, in
+# $work/NAME.ROUND.LOAD.{json,csv|db,cpu}.
+run_step() { # name port round load rate proxy-pid...
+  local f="$work/$1.$3.$4" port=$2 rate=$5 gen a b
   shift 5
-  TOKIO_WORKER_THREADS=$OHA_THREADS "$OHA" -c "$CONNS" -q "$rate" --latency-correction \
-    -z "$(( W + D + T ))s" -w -t 10s --no-tui --output-format json -o "$f.json" --db-url "$f.db" \
-    "http://127.0.0.1:$port$URL_PATH" 2>"$f.err" &
-  oha=$!
-  sleep "$W"; a=$(cpu_sample "$oha" "$@")
-  sleep "$D"; b=$(cpu_sample "$oha" "$@")
-  wait "$oha" || { echo "oha failed:" >&2; cat "$f.err" >&2; exit 1; }
+  if [ "$GENERATOR" = oha ]; then
+    TOKIO_WORKER_THREADS=$OHA_THREADS "$OHA" -c "$CONNS" -q "$rate" --latency-correction \
+      -z "$(( W + D + T ))s" -w -t 10s --no-tui --output-format json -o "$f.json" --db-url "$f.db" \
+      "http://127.0.0.1:$port$URL_PATH" 2>"$f.err" &
+  else
+    "$OPENLOOP" "127.0.0.1:$port" "$URL_PATH" "$rate" "$CONNS" "$(( W + D + T ))" "$f" 2>"$f.err" &
+  fi
+  gen=$!
+  sleep "$W"; a=$(cpu_sample "$gen" "$@")
+  sleep "$D"; b=$(cpu_sample "$gen" "$@")
+  wait "$gen" || { echo "$GENERATOR failed:" >&2; cat "$f.err" >&2; exit 1; }
   echo "$a" "$b" > "$f.cpu"
 }
 
@@ -167,19 +197,20 @@ for r in $(seq "$ROUNDS"); do
     rate=$(( SAT * load / 100 ))
     echo "round $r/$ROUNDS: $load % = $rate req/s" >&2
     if (( (i += 1) % 2 )); then
-      run_oha nginx "$NGX" "$r" "$load" "$rate" "${NGX_PIDS[@]}"; run_oha proxy "$CTP" "$r" "$load" "$rate" "$CTP_PID"
+      run_step nginx "$NGX" "$r" "$load" "$rate" "${NGX_PIDS[@]}"; run_step proxy "$CTP" "$r" "$load" "$rate" "$CTP_PID"
     else
-      run_oha proxy "$CTP" "$r" "$load" "$rate" "$CTP_PID"; run_oha nginx "$NGX" "$r" "$load" "$rate" "${NGX_PIDS[@]}"
+      run_step proxy "$CTP" "$r" "$load" "$rate" "$CTP_PID"; run_step nginx "$NGX" "$r" "$load" "$rate" "${NGX_PIDS[@]}"
     fi
   done
 done
 
-python3 - "$work" "$ROUNDS" "$SAT" "$W" "$D" "$LOADS" <<'EOF'
-import json, math, sqlite3, statistics, sys
+python3 - "$work" "$ROUNDS" "$SAT" "$W" "$D" "$LOADS" "$GENERATOR" <<'EOF'
+import csv, json, math, sqlite3, statistics, sys
 work, rounds, sat, w, d, loads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), [int(x) for x in sys.argv[6].split()]
+gen = sys.argv[7]
 PARTIES = (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy"))
 PCTS = (50.0, 99.0, 99.9)
-LAG_MS = 2.0  # tokio's timer ticks every millisecond: oha's own lag is normally under 1 ms
+LAG_MS = 2.0  # tokio's timer ticks every millisecond: a generator's own lag is normally under 1 ms
 
 def rank(sorted_values, p):  # nearest rank
     return sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)] if sorted_values else float("nan")
@@ -187,14 +218,21 @@ def rank(sorted_values, p):  # nearest rank
 def step(name, r, load):
     rate = sat * load // 100
     base = f"{work}/{name}.{r}.{load}"
-    rows = sqlite3.connect(f"{base}.db").execute(
-        "SELECT start_latency_correction, duration, status FROM oha ORDER BY start_latency_correction").fetchall()
-    # oha's k-th due request (in schedule order) was due at k / rate: how late its stamp came.
-    lag = sorted(s - k / rate for k, (s, _, _) in enumerate(rows) if w <= s < w + d)
+    if gen == "oha":
+        rows = sqlite3.connect(f"{base}.db").execute(
+            "SELECT start_latency_correction, duration, status FROM oha ORDER BY start_latency_correction").fetchall()
+        # oha's k-th due request (in schedule order) was due at k / rate: how late its stamp came.
+        lag = sorted(s - k / rate for k, (s, _, _) in enumerate(rows) if w <= s < w + d)
+        errors = sum(v for k, v in json.load(open(f"{base}.json"))["errorDistribution"].items()
+                     if k != "aborted due to deadline")
+    else:
+        with open(f"{base}.csv") as f:
+            recs = [(float(r["due"]), float(r["stamp"]), float(r["latency"]), int(r["status"])) for r in csv.DictReader(f)]
+        rows = [(s, lat, st) for _, s, lat, st in recs]
+        lag = sorted(s - due for due, s, _, _ in recs if w <= s < w + d)
+        errors = json.load(open(f"{base}.json"))["errors"]
     win = [(lat, st) for s, lat, st in rows if w <= s < w + d]
     lat = sorted(x for x, _ in win)
-    errors = sum(v for k, v in json.load(open(f"{base}.json"))["errorDistribution"].items()
-                 if k != "aborted due to deadline")
     achieved = len(win) / d
     ok = achieved >= 0.99 * rate and errors == 0
     ms = [rank(lat, p) * 1000 for p in PCTS]
@@ -209,7 +247,7 @@ def step(name, r, load):
 
 res = {(n, r, l): step(n, r, l) for n, _ in PARTIES for r in range(1, rounds + 1) for l in loads}
 
-print(f"\n{'round':>5} {'load':>5} {'target/s':>8} {'':>20} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>8} {'non-2xx':>7} {'errors':>6} {'lag ms':>6} {'busy %':>6} {'oha %':>5} {'proxy %':>7}")
+print(f"\n{'round':>5} {'load':>5} {'target/s':>8} {'':>20} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>8} {'non-2xx':>7} {'errors':>6} {'lag ms':>6} {'busy %':>6} {'gen %':>5} {'proxy %':>7}")
 for r in range(1, rounds + 1):
     for l in loads:
         for n, label in PARTIES:
@@ -234,7 +272,7 @@ for l in loads:
 
 late = [f"{n} round {r} at {l} %" for (n, r, l), s in res.items() if s["lag"] > LAG_MS]
 if late:
-    print(f"\nwarning (~): oha fell behind its schedule by more than {LAG_MS:.0f} ms (p99.9) in: "
+    print(f"\nwarning (~): {gen} fell behind its schedule by more than {LAG_MS:.0f} ms (p99.9) in: "
           + ("every step" if len(late) == len(res) else ", ".join(late))
           + "\n(its clock starts when a request's stamp is taken: that lag is not in the percentiles; a busy machine?)")
 bad = [f"{n} round {r} at {l} %" for (n, r, l), s in res.items() if not s["ok"]]
