@@ -18,7 +18,8 @@
 //!
 //! One timer per connection, re-armed only when it fires; per request, a
 //! counter goes up when the head arrives and down when the response body
-//! ends.
+//! ends. The rule the watchdog applies, and the waker its timer is polled
+//! with, are in `watchdog.rs`.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -26,7 +27,7 @@ use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, Version};
@@ -37,6 +38,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, watch};
+
+use super::watchdog::{Alarm, Seen, Verdict, verdict};
 
 /// The timers of a connection, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -135,55 +138,6 @@ impl<B: Body + Unpin, T> Body for Tracked<B, T> {
     }
 }
 
-/// What the watchdog decides when its timer fires.
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    /// Look again at this instant.
-    Wait(Instant),
-    /// Idle for too long: close gracefully.
-    Idle,
-    /// Close now.
-    Drop,
-}
-
-/// What the watchdog knows of its connection when its timer fires.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    /// Requests whose response has not ended.
-    open: usize,
-    /// How long ago the last response ended (`None`: no request yet).
-    since: Option<Duration>,
-    /// Whether a graceful close was already asked for.
-    closing: bool,
-    /// HTTP/2, whose next request head is not timed (its streams are).
-    h2: bool,
-}
-
-/// The watchdog's rule, given what it sees at `now`.
-fn verdict(seen: Seen, now: Instant, t: Timeouts) -> Verdict {
-    let later = |d: Duration| Verdict::Wait(now.checked_add(d).unwrap_or(now));
-    // How long an HTTP/1.1 connection may wait for its next head: looked
-    // at that often while a request is open, so that the deadline after
-    // its end is met on time.
-    let quiet = if seen.h2 {
-        t.idle
-    } else {
-        t.idle.min(t.header_read)
-    };
-    match seen.since {
-        _ if seen.open > 0 => later(quiet),
-        // No complete request head within header_read_timeout.
-        None => Verdict::Drop,
-        // A graceful close that did not end the connection.
-        Some(_) if seen.closing => Verdict::Drop,
-        // HTTP/1.1: no next head within header_read_timeout.
-        Some(idle) if !seen.h2 && idle >= t.header_read => Verdict::Drop,
-        Some(idle) if idle >= t.idle => Verdict::Idle,
-        // Below both limits here: `quiet - idle` is positive.
-        Some(idle) => later(quiet - idle),
-    }
-}
-
 /// Serves `conn` until it ends, `stop` fires (then it is closed
 /// gracefully) or a phase overstays its timer. `shutdown` asks `conn` for
 /// a graceful close; `permit` (its place under a connection limit) is
@@ -215,7 +169,7 @@ where
                     return Poll::Ready(r);
                 }
                 let (bell, waker) = Alarm::for_task(&mut alarm, cx.waker());
-                if !bell.rung.swap(false, Ordering::AcqRel) {
+                if !bell.answer() {
                     return Poll::Pending;
                 }
                 let mut acx = Context::from_waker(waker);
@@ -256,7 +210,7 @@ where
                 }
                 // The connection again (a graceful close may end it at
                 // once), then the re-armed timer, to register it.
-                bell.rung.store(true, Ordering::Release);
+                bell.ring();
             }
         })
         .await
@@ -264,49 +218,6 @@ where
     drop(permit);
     drop(stop);
     result
-}
-
-/// The waker the watchdog's timer and `stop` are polled with: notes that
-/// one of them woke the task, so that the task's many other wake-ups (its
-/// socket, its upstream connections: a few per request) poll only the
-/// connection, not the timer and `stop` as well.
-#[derive(Debug)]
-struct Alarm {
-    rung: AtomicBool,
-    task: Waker,
-}
-
-impl Wake for Alarm {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.rung.store(true, Ordering::Release);
-        self.task.wake_by_ref();
-    }
-}
-
-impl Alarm {
-    /// The alarm that wakes `task`: `alarm`, or a new one (rung, so that
-    /// the timer and `stop` register it) for a first poll or a task whose
-    /// waker changed.
-    fn for_task<'a>(
-        alarm: &'a mut Option<(Arc<Self>, Waker)>,
-        task: &Waker,
-    ) -> &'a (Arc<Self>, Waker) {
-        if !alarm.as_ref().is_some_and(|(a, _)| a.task.will_wake(task)) {
-            *alarm = None;
-        }
-        alarm.get_or_insert_with(|| {
-            let bell = Arc::new(Self {
-                rung: AtomicBool::new(true),
-                task: task.clone(),
-            });
-            let waker = Waker::from(Arc::clone(&bell));
-            (bell, waker)
-        })
-    }
 }
 
 /// What a connection's requests are answered by: the proxy, or the admin
@@ -385,139 +296,5 @@ impl Drain {
     pub(crate) async fn shutdown(self) {
         let _ = self.tx.send(());
         self.tx.closed().await;
-    }
-}
-
-// === refusals ===
-
-/// How often a kind of refused connection is logged at most.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Refused connections, logged at most once per [`REFUSAL_LOG_EVERY`] with
-/// how many were refused since the last line: a flood of connections must
-/// not become a flood of log lines.
-#[derive(Debug)]
-pub(crate) struct Refusals {
-    last_line: Option<Instant>,
-    unlogged: u64,
-}
-
-impl Refusals {
-    pub(crate) fn new() -> Self {
-        Self {
-            last_line: None,
-            unlogged: 0,
-        }
-    }
-
-    /// Counts one refusal at `now`; `Some(n)` when a line is due, `n`
-    /// being the refusals it reports (this one included).
-    pub(crate) fn refused(&mut self, now: Instant) -> Option<u64> {
-        self.unlogged += 1;
-        let due = self
-            .last_line
-            .is_none_or(|l| now.saturating_duration_since(l) >= REFUSAL_LOG_EVERY);
-        if !due {
-            return None;
-        }
-        self.last_line = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const T: Timeouts = Timeouts {
-        header_read: Duration::from_secs(30),
-        idle: Duration::from_secs(60),
-    };
-
-    /// What the watchdog sees: `open` requests, the last response ended
-    /// `since` ago, on an HTTP/2 connection if `h2`.
-    fn seen(open: usize, since: Option<u64>, closing: bool, h2: bool) -> Seen {
-        Seen {
-            open,
-            since: since.map(Duration::from_secs),
-            closing,
-            h2,
-        }
-    }
-
-    #[test]
-    fn a_connection_without_a_request_is_dropped_at_the_first_deadline() {
-        let now = Instant::now();
-        for h2 in [false, true] {
-            assert_eq!(verdict(seen(0, None, false, h2), now, T), Verdict::Drop);
-        }
-    }
-
-    #[test]
-    fn a_connection_with_a_request_in_progress_is_left_alone() {
-        let now = Instant::now();
-        for (h2, every) in [(true, T.idle), (false, T.header_read)] {
-            let later = Verdict::Wait(now + every);
-            assert_eq!(verdict(seen(1, None, false, h2), now, T), later);
-            assert_eq!(verdict(seen(2, Some(600), false, h2), now, T), later);
-            assert_eq!(verdict(seen(1, Some(0), true, h2), now, T), later);
-        }
-    }
-
-    #[test]
-    fn an_idle_http2_connection_is_closed_gracefully_then_dropped() {
-        let now = Instant::now();
-        assert_eq!(
-            verdict(seen(0, Some(20), false, true), now, T),
-            Verdict::Wait(now + Duration::from_secs(40)),
-            "looks again when the idle time is up"
-        );
-        assert_eq!(
-            verdict(seen(0, Some(60), false, true), now, T),
-            Verdict::Idle
-        );
-        assert_eq!(
-            verdict(seen(0, Some(60), true, true), now, T),
-            Verdict::Drop
-        );
-    }
-
-    #[test]
-    fn an_http1_connection_without_its_next_head_in_time_is_dropped() {
-        let now = Instant::now();
-        assert_eq!(
-            verdict(seen(0, Some(20), false, false), now, T),
-            Verdict::Wait(now + Duration::from_secs(10)),
-            "looks again when the header read time is up"
-        );
-        assert_eq!(
-            verdict(seen(0, Some(30), false, false), now, T),
-            Verdict::Drop
-        );
-        // An idle time shorter than the header read time comes first.
-        let short = Timeouts {
-            header_read: Duration::from_secs(30),
-            idle: Duration::from_secs(10),
-        };
-        assert_eq!(
-            verdict(seen(0, Some(10), false, false), now, short),
-            Verdict::Idle
-        );
-        assert_eq!(
-            verdict(seen(0, Some(5), false, false), now, short),
-            Verdict::Wait(now + Duration::from_secs(5))
-        );
-    }
-
-    #[test]
-    fn refusals_are_logged_once_per_period_with_a_count() {
-        let mut r = Refusals::new();
-        let t0 = Instant::now();
-        assert_eq!(r.refused(t0), Some(1), "the first one at once");
-        for i in 1..1000 {
-            assert_eq!(r.refused(t0 + Duration::from_millis(i)), None);
-        }
-        assert_eq!(r.refused(t0 + REFUSAL_LOG_EVERY), Some(1000));
-        assert_eq!(r.refused(t0 + REFUSAL_LOG_EVERY), None);
     }
 }

@@ -35,6 +35,7 @@ mod refusals;
 mod reload;
 mod share;
 mod watch;
+mod watchdog;
 mod worker;
 
 use conn::Drain;

@@ -4,9 +4,8 @@
 //! and kind, so a flood of connections is not a flood of lines.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::conn::Refusals;
 use crate::metrics::Metrics;
 
 /// Whether `server.allowed_clients` (if set) lets a client at `peer` in.
@@ -72,5 +71,57 @@ impl Refused {
                 "server.admin_max_connections reached: connections closed at accept (count since the last such line)"
             ),
         }
+    }
+}
+
+/// How often a kind of refused connection is logged at most.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Refused connections, logged at most once per [`REFUSAL_LOG_EVERY`] with
+/// how many were refused since the last line: a flood of connections must
+/// not become a flood of log lines.
+#[derive(Debug)]
+pub(super) struct Refusals {
+    last_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    pub(super) fn new() -> Self {
+        Self {
+            last_line: None,
+            unlogged: 0,
+        }
+    }
+
+    /// Counts one refusal at `now`; `Some(n)` when a line is due, `n`
+    /// being the refusals it reports (this one included).
+    pub(super) fn refused(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        let due = self
+            .last_line
+            .is_none_or(|l| now.saturating_duration_since(l) >= REFUSAL_LOG_EVERY);
+        if !due {
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_once_per_period_with_a_count() {
+        let mut r = Refusals::new();
+        let t0 = Instant::now();
+        assert_eq!(r.refused(t0), Some(1), "the first one at once");
+        for i in 1..1000 {
+            assert_eq!(r.refused(t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(r.refused(t0 + REFUSAL_LOG_EVERY), Some(1000));
+        assert_eq!(r.refused(t0 + REFUSAL_LOG_EVERY), None);
     }
 }
