@@ -7,7 +7,7 @@
 # 75 % of that rate each proxy is driven in turn at a fixed rate, over
 # alternating rounds, and its p50 / p99 / p99.9 latency reported.
 #
-#   benches/fixed-rate.sh                    # 3 rounds, 10 s per step: ~4 minutes
+#   benches/fixed-rate.sh                    # 5 rounds, 10 s per step: ~7 minutes
 #   GENERATOR=oha benches/fixed-rate.sh      # oha drives the load (see below)
 #   ROUNDS=1 DURATION=3s benches/fixed-rate.sh      # a quick check of the script
 #   LOADS="10 50 90" benches/fixed-rate.sh   # other fractions of nginx's rate, in %
@@ -75,7 +75,7 @@
 # Everything listens on 127.0.0.1 only.
 set -euo pipefail
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-1s}
 TAIL=${TAIL:-1s}
