@@ -40,6 +40,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD: usize = 16 * 1024;
 /// The schedule's tick: tokio's timer resolution.
 const TICK: Duration = Duration::from_millis(1);
+/// At most this many requests per run: their records (32 bytes each) are
+/// allocated before it starts.
+const MAX_REQUESTS: f64 = 50_000_000.0;
 
 struct Args {
     addr: String,
@@ -84,6 +87,10 @@ fn main() {
         );
         return;
     };
+    if args.rate * args.seconds > MAX_REQUESTS {
+        eprintln!("openloop: RATE x SECONDS over {MAX_REQUESTS} requests");
+        std::process::exit(2);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
