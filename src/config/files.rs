@@ -24,6 +24,16 @@ pub(crate) const MAX_CA_FILE: u64 = 1024 * 1024;
 /// Largest configuration file read (about 100,000 tenants).
 pub(crate) const MAX_CONFIG_FILE: u64 = 64 * 1024 * 1024;
 
+/// A digest of the configuration file at `path` as it is now (`None`
+/// when it cannot be read): the same bytes give the same digest.
+pub(crate) fn digest(path: &Path) -> Option<u64> {
+    use std::hash::{DefaultHasher, Hasher};
+    let bytes = read_regular(path, MAX_CONFIG_FILE).ok()?;
+    let mut h = DefaultHasher::new();
+    h.write(&bytes);
+    Some(h.finish())
+}
+
 /// The whole content of the regular file at `path`, at most `cap` bytes.
 /// Errors name the path and say what is wrong, never the content.
 pub(crate) fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>, String> {

@@ -48,6 +48,11 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub consent: Option<ConsentConfig>,
     pub tenants: Vec<TenantConfig>,
+    /// A digest of the configuration file as it was just before it was
+    /// parsed (`None`: no file). The reloader, once it watches the file,
+    /// compares it with the file then: a change made in between would
+    /// otherwise be heard by nobody.
+    pub(crate) file_digest: Option<u64>,
 }
 
 /// `[rate_limit]`: the limits a tenant gets unless it sets its own.
@@ -274,7 +279,12 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        Self::from_figment(figment.merge(env_provider()))
+        // Before the parse reads it: a change after this point makes the
+        // digest differ from the file, and the reloader look again.
+        let digest = path.and_then(files::digest);
+        let mut config = Self::from_figment(figment.merge(env_provider()))?;
+        config.file_digest = digest;
+        Ok(config)
     }
 
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {

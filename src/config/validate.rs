@@ -101,6 +101,7 @@ impl RawConfig {
                 rate_limit,
                 consent,
                 tenants,
+                file_digest: None,
             }),
             _ => Err(ConfigError { problems }),
         }

@@ -21,6 +21,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::refreshers::Refreshers;
 use super::watch::FileWatch;
+use crate::config::files::digest;
 use crate::config::{Config, SecretSource};
 use crate::metrics::Metrics;
 use crate::tenant::Tenants;
@@ -59,6 +60,9 @@ pub(crate) struct Reloader {
     watch: Arc<FileWatch>,
     /// While some file cannot be watched: the polling that stands in.
     poll: Option<Interval>,
+    /// The configuration file changed between its parse and the first
+    /// look: reload without waiting for a change to be heard.
+    stale: bool,
 }
 
 fn watched(path: &Path, config: &Config) -> Vec<PathBuf> {
@@ -139,6 +143,7 @@ impl Reloader {
             seen: Seen::default(),
             watch,
             poll: None,
+            stale: false,
         };
         reloader.seen = reloader.observe().await;
         if reloader.poll.is_none() {
@@ -146,6 +151,20 @@ impl Reloader {
                 files = reloader.seen.len(),
                 "watching the configuration and the files it names for changes"
             );
+        }
+        // Watched first, then compared: a change from now on is heard.
+        if let Some(parsed) = reloader.running.file_digest {
+            let path = reloader.path.clone();
+            let now = tokio::task::spawn_blocking(move || digest(&path))
+                .await
+                .ok()
+                .flatten();
+            if now != Some(parsed) {
+                tracing::info!(
+                    "the configuration file changed while the proxy started; reloading it"
+                );
+                reloader.stale = true;
+            }
         }
         reloader
     }
@@ -179,6 +198,9 @@ impl Reloader {
     /// Resolves when the watched files are worth a look: a change was
     /// heard (and had [`SETTLE`] to finish), or it is time to poll.
     pub(crate) async fn wait_for_files(&mut self) {
+        if self.stale {
+            return;
+        }
         match self.poll.as_mut() {
             Some(poll) => tokio::select! {
                 () = self.watch.heard() => {}
@@ -198,7 +220,7 @@ impl Reloader {
     /// True when a watched file changed since the last look.
     pub(crate) async fn files_changed(&mut self) -> bool {
         let now = self.observe().await;
-        if now != self.seen {
+        if std::mem::take(&mut self.stale) || now != self.seen {
             self.seen = now;
             true
         } else {
@@ -332,5 +354,48 @@ impl Reloader {
                 "these settings changed but take effect only after a restart"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: &str =
+        "[tenants.a]\ngrant = \"client_credentials\"\nclient_id = \"x\"\nclient_secret = \"y\"\n";
+    const TWO: &str =
+        "[tenants.b]\ngrant = \"client_credentials\"\nclient_id = \"z\"\nclient_secret = \"w\"\n";
+
+    async fn reloader(path: &Path, config: Config) -> Reloader {
+        let metrics = Metrics::new(prometheus::Registry::new());
+        let tenants = Arc::new(ArcSwap::from_pointee(Tenants::new(&config, &metrics)));
+        Reloader::new(path.to_owned(), config, tenants, metrics).await
+    }
+
+    #[tokio::test]
+    async fn a_change_made_while_the_proxy_starts_is_reloaded_without_waiting_for_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, ONE).unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        // Edited in place after the parse, before the watcher started: no
+        // event will ever report it.
+        std::fs::write(&path, format!("{ONE}{TWO}")).unwrap();
+        let mut r = reloader(&path, config).await;
+        tokio::time::timeout(Duration::from_secs(10), r.wait_for_files())
+            .await
+            .expect("the watched files are worth a look at once");
+        assert!(r.files_changed().await, "the change is reloaded");
+        assert!(!r.files_changed().await, "once");
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_configuration_is_not_reloaded_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, ONE).unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        let mut r = reloader(&path, config).await;
+        assert!(!r.files_changed().await);
     }
 }
