@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use support::fake_criteo::tls_acceptor;
 use support::{FakeCriteo, TestProxy, client};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -50,7 +51,7 @@ impl H2Upstream {
     async fn start(turn_away: TurnAway) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());
-        let (acceptor, ca_pem) = tls_acceptor();
+        let (acceptor, ca_pem) = tls_acceptor(&[b"h2"]);
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, ca_pem).unwrap();
@@ -91,23 +92,6 @@ impl H2Upstream {
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
-}
-
-fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![ck.cert.der().clone()], key)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    (
-        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-        ck.cert.pem(),
-    )
 }
 
 /// An HTTP/2 server (the `h2` crate's) that refuses the first `refused`

@@ -489,7 +489,7 @@ impl Builder {
             rate_limited: AtomicUsize::new(0),
         });
         let (acceptor, ca_pem) = if self.tls {
-            let (a, pem) = tls_acceptor();
+            let (a, pem) = tls_acceptor(&[b"h2", b"http/1.1"]);
             (Some(a), Some(pem))
         } else {
             (None, None)
@@ -530,7 +530,9 @@ impl Builder {
     }
 }
 
-fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
+/// A TLS acceptor for 127.0.0.1 and localhost with a fresh self-signed
+/// certificate (its PEM returned, for a client to trust), offering `alpn`.
+pub fn tls_acceptor(alpn: &[&[u8]]) -> (tokio_rustls::TlsAcceptor, String) {
     let ck =
         rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
             .unwrap();
@@ -542,7 +544,7 @@ fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
         .with_no_client_auth()
         .with_single_cert(vec![ck.cert.der().clone()], key)
         .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     (
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
         ck.cert.pem(),
