@@ -11,7 +11,9 @@
 # with HTTP/2 offered by ALPN, from a certificate for 127.0.0.1 signed by a
 # throwaway CA that both proxies trust. $UPS is the upstream's plain-HTTP
 # stub_status listener (its "accepts" counter: connections opened to it).
-# PROXY_BIN=path: use that binary instead of building.
+# PROXY_BIN=path: use that binary instead of building. PGO=1: build the
+# image's binary (deploy/pgo-build.sh, about twice a release build's time)
+# and use it.
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -34,7 +36,10 @@ need() {
 }
 
 TLS=${TLS:-0}
-if [ -z "${PROXY_BIN:-}" ]; then
+if [ -z "${PROXY_BIN:-}" ] && [ "${PGO:-0}" = 1 ]; then
+  deploy/pgo-build.sh
+  PROXY_BIN=target/pgo/criteo-token-proxy
+elif [ -z "${PROXY_BIN:-}" ]; then
   cargo build --release --quiet
   PROXY_BIN=target/release/criteo-token-proxy
 fi

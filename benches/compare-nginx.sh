@@ -10,6 +10,7 @@
 #   TENANTS=10000 LAZY=1 benches/compare-nginx.sh   # ... with refresh.lazy = true
 #   TLS=1 benches/compare-nginx.sh           # the upstream over HTTPS, HTTP/2 by ALPN
 #   PROXY_BIN=/path/to/criteo-token-proxy ...       # that binary, no cargo build
+#   PGO=1 benches/compare-nginx.sh           # the image's binary (deploy/pgo-build.sh)
 #
 # Prints requests/s, p50/p99 latency, non-2xx responses, CPU per request of
 # each proxy process (user + system from /proc/PID/stat around each round),

@@ -4,7 +4,7 @@
 # layers are reproduced from this machine instead, and each figure says
 # whether it was measured or estimated.
 #
-#   benches/image-size.sh                      # builds the release binary
+#   benches/image-size.sh                      # builds the image's binary (deploy/pgo-build.sh)
 #   PROXY_BIN=/path/to/criteo-token-proxy benches/image-size.sh
 #
 # 1. The binary layer (MEASURED): the release binary, stripped as the
@@ -33,8 +33,8 @@ done
 dockerfile=deploy/Dockerfile
 bin_name=$(sed -n '/^\[\[bin\]\]/,/^\[/ s/^name = "\(.*\)"/\1/p' Cargo.toml | head -1)
 if [ -z "${PROXY_BIN:-}" ]; then
-  cargo build --release --locked --quiet --bin "$bin_name"
-  PROXY_BIN=target/release/$bin_name
+  deploy/pgo-build.sh   # what the Dockerfile's build stage runs
+  PROXY_BIN=target/pgo/$bin_name
 fi
 
 work=$(mktemp -d)
@@ -92,10 +92,11 @@ for bench in $(sed -n '/^\[\[bench\]\]/,/^$/ s/^name = "\(.*\)"/\1/p' Cargo.toml
 done
 check "the build context leaves out target/ (.dockerignore)" "grep -qx 'target/\\?' .dockerignore 2>/dev/null"
 check "build.rs absent, or copied" "[ ! -e build.rs ] || grep -qx build.rs <<< \"\$copied\""
-check "the build stage builds --bin $bin_name (Cargo.toml's [[bin]])" \
-  "grep -q -- '--bin $bin_name' '$dockerfile'"
-check "the runtime stage copies target/release/$bin_name, where that build puts it" \
-  "grep -q '^COPY --from=build /src/target/release/$bin_name ' '$dockerfile'"
+check "the build stage runs deploy/pgo-build.sh, which builds --bin $bin_name (Cargo.toml's [[bin]])" \
+  "grep -q '^RUN deploy/pgo-build.sh' '$dockerfile' && grep -q -- '--bin $bin_name' deploy/pgo-build.sh"
+check "the runtime stage copies target/pgo/$bin_name, where that script puts it" \
+  "grep -q '^COPY --from=build /src/target/pgo/$bin_name ' '$dockerfile' && grep -q 'target/pgo' deploy/pgo-build.sh"
+check "the build context keeps deploy/pgo-build.sh (.dockerignore)" "! grep -qx 'deploy/\\?' .dockerignore"
 rv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
 image_rust=$(sed -n 's/^FROM rust:\([0-9.]*\)-.*/\1/p' "$dockerfile")
 check "the build image's Rust ($image_rust) is at least rust-version ($rv)" \

@@ -5,6 +5,7 @@
 # none. It counts only what runs in the process, not the kernel's work.
 #
 #   benches/instructions.sh            # criteo-token-proxy, then nginx for reference
+#   PGO=1 benches/instructions.sh      # the image's binary (deploy/pgo-build.sh)
 #   DURATION=30s benches/instructions.sh
 #   PACED=1 benches/instructions.sh          # also the tenant with a rate limit
 #                                            # far from reached (pacing's cost)
