@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The release binary the image ships: built twice, the second time with the
-# profile of real traffic (profile-guided optimisation, PGO). On the
+# profile of a training load (profile-guided optimisation, PGO). On the
 # benchmarks' request path it runs about a quarter fewer instructions per
 # request than a plain `cargo build --release` (README, "Performance").
 #
