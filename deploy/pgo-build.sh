@@ -55,7 +55,9 @@ if [ -z "$profdata" ]; then
   echo "error: no llvm-profdata for LLVM $llvm (rustc's); install Debian's llvm-$llvm or rustup's llvm-tools" >&2
   exit 1
 fi
-for tool in python3 curl; do command -v "$tool" >/dev/null || install_debian "$tool"; done
+# benches/common.sh picks its ports with python3 as it is sourced, before
+# its own `need` could install anything.
+command -v python3 >/dev/null || install_debian python3
 
 build() { # target dir, extra rustc flag
   RUSTFLAGS="${RUSTFLAGS:-} $2" cargo build --release --locked --quiet \
@@ -74,7 +76,7 @@ serve() {
     TLS=$1 PROXY_BIN=$2
     # shellcheck source=benches/common.sh
     source benches/common.sh
-    need nginx wrk
+    need nginx wrk curl
     if (( TLS )); then make_certs; fi
     write_upstream_conf
     write_proxy_conf
