@@ -15,6 +15,7 @@
 #   PROXY_BIN=/path/to/criteo-token-proxy ...       # that binary, no cargo build
 #   OHA=/path/to/oha ...                     # that oha, no cargo install
 #   SATURATION_BY=oha benches/fixed-rate.sh  # nginx's rate under oha instead
+#   TWIN=1 LOADS=25 ROUNDS=20 benches/fixed-rate.sh # + nginx against a copy of itself
 #
 # The load generator (GENERATOR) is benches/openloop.rs by default, built by
 # this script: one thread, oha's scheduling model (below), records kept in a
@@ -71,6 +72,11 @@
 # The final table gives, per load and proxy, the median over rounds and the
 # min-max spread, and the proxy/nginx ratio per percentile (median and spread
 # of each round's ratio: the two were measured one after the other).
+# TWIN=1 adds a third party: a second nginx with the same configuration on
+# its own port ("nginx twin"), measured in the same rounds (the order rotates).
+# Its ratio to nginx is what this machine makes of two identical proxies: the
+# noise floor against which the proxy's ratio is read. Each ratio line ends
+# with the number of rounds whose p99 ratio is at or under 1.0x.
 # Installs nginx, wrk (and openssl) from Debian's packages if missing.
 # Everything listens on 127.0.0.1 only.
 set -euo pipefail
@@ -87,6 +93,7 @@ case $SATURATION_BY in oha|wrk) ;; *) echo "SATURATION_BY=$SATURATION_BY: oha or
 GENERATOR=${GENERATOR:-openloop}
 case $GENERATOR in oha|openloop) ;; *) echo "GENERATOR=$GENERATOR: openloop or oha" >&2; exit 2;; esac
 WRK_THREADS=${WRK_THREADS:-2}
+TWIN=${TWIN:-0}
 OHA_THREADS=${OHA_THREADS:-1}
 OHA_VERSION=1.16.0
 # Whole seconds (the measured window is cut from oha's records in seconds),
@@ -126,6 +133,14 @@ start_upstream
 NGX_PID=$!; pids+=("$NGX_PID")
 RUST_LOG=warn "$PROXY_BIN" --config "$work/proxy.toml" 2>"$work/proxy.log" &
 CTP_PID=$!; pids+=("$CTP_PID")
+if (( TWIN )); then
+  # The same nginx.conf but for its port and its own files.
+  NGX2=$(free_port)
+  mkdir -p "$work/ngx2"
+  sed -e "s|127.0.0.1:$NGX;|127.0.0.1:$NGX2;|" -e "s|$work/ngx/|$work/ngx2/|g" "$work/ngx/nginx.conf" > "$work/ngx2/nginx.conf"
+  "$NGINX" -p "$work/ngx2" -c "$work/ngx2/nginx.conf" -g 'daemon off;' 2>"$work/ngx2/stderr" &
+  NGX2_PID=$!; pids+=("$NGX2_PID")
+fi
 for _ in $(seq 300); do
   if curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 &&
      curl -fs "http://127.0.0.1:$NGX/x" >/dev/null 2>&1; then break; fi
@@ -134,9 +149,18 @@ done
 URL_PATH=/2024-10/advertisers/me
 curl -fs "http://127.0.0.1:$CTP$URL_PATH" >/dev/null || { echo "proxy not serving" >&2; cat "$work/proxy.log" >&2; exit 1; }
 curl -fs "http://127.0.0.1:$NGX$URL_PATH" >/dev/null || { echo "nginx not serving" >&2; cat "$work/ngx/error.log" >&2; exit 1; }
+if (( TWIN )); then
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$NGX2$URL_PATH" >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -fs "http://127.0.0.1:$NGX2$URL_PATH" >/dev/null || { echo "nginx twin not serving" >&2; cat "$work/ngx2/error.log" >&2; exit 1; }
+fi
 
 # nginx's master and its workers (the proxy's threads are counted in its stat).
 read -r -a NGX_PIDS < <(echo "$NGX_PID" $(pgrep -P "$NGX_PID"))
+# The parties, in the order of the first step; each step after rotates it.
+PARTY_NAMES=(nginx proxy); PARTY_PORTS=("$NGX" "$CTP"); PARTY_PIDS=("${NGX_PIDS[*]}" "$CTP_PID")
+if (( TWIN )); then
+  PARTY_NAMES+=(twin); PARTY_PORTS+=("$NGX2"); PARTY_PIDS+=("$NGX2_PID $(pgrep -P "$NGX2_PID" | paste -sd' ')")
+fi
 echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version)$([ -z "${OHA:-}" ] || echo "; $("$OHA" --version)")"
 if (( TLS )); then echo "upstream: HTTPS (TLS, HTTP/2 offered by ALPN), nginx proxy_pass https:// with keepalive 128"
 else echo "upstream: plain HTTP/1.1, nginx proxy_pass http:// with keepalive 128"; fi
@@ -153,6 +177,7 @@ oha_rps() { # port duration
 }
 wrk_rps "$NGX" 2s >/dev/null
 wrk_rps "$CTP" 2s >/dev/null
+if (( TWIN )); then wrk_rps "$NGX2" 2s >/dev/null; fi
 SAT=$("${SATURATION_BY}_rps" "$NGX" "$SATURATION")
 (( SAT > 0 )) || { echo "$SATURATION_BY measured no rate against nginx" >&2; exit 1; }
 if [ "$SATURATION_BY" = oha ]; then echo "nginx saturation: $SAT req/s (oha -c$CONNS -z$SATURATION, TOKIO_WORKER_THREADS=$OHA_THREADS)"
@@ -196,19 +221,21 @@ for r in $(seq "$ROUNDS"); do
   for load in $LOADS; do
     rate=$(( SAT * load / 100 ))
     echo "round $r/$ROUNDS: $load % = $rate req/s" >&2
-    if (( (i += 1) % 2 )); then
-      run_step nginx "$NGX" "$r" "$load" "$rate" "${NGX_PIDS[@]}"; run_step proxy "$CTP" "$r" "$load" "$rate" "$CTP_PID"
-    else
-      run_step proxy "$CTP" "$r" "$load" "$rate" "$CTP_PID"; run_step nginx "$NGX" "$r" "$load" "$rate" "${NGX_PIDS[@]}"
-    fi
+    n=${#PARTY_NAMES[@]}
+    for j in $(seq 0 $(( n - 1 ))); do
+      k=$(( (i + j) % n ))
+      # shellcheck disable=SC2086 # a party's PIDs, split on purpose
+      run_step "${PARTY_NAMES[k]}" "${PARTY_PORTS[k]}" "$r" "$load" "$rate" ${PARTY_PIDS[k]}
+    done
+    i=$(( i + 1 ))
   done
 done
 
-python3 - "$work" "$ROUNDS" "$SAT" "$W" "$D" "$LOADS" "$GENERATOR" <<'EOF'
+python3 - "$work" "$ROUNDS" "$SAT" "$W" "$D" "$LOADS" "$GENERATOR" "$TWIN" <<'EOF'
 import csv, json, math, sqlite3, statistics, sys
 work, rounds, sat, w, d, loads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), [int(x) for x in sys.argv[6].split()]
 gen = sys.argv[7]
-PARTIES = (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy"))
+PARTIES = (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy")) + ((("twin", "nginx twin"),) if sys.argv[8] == "1" else ())
 PCTS = (50.0, 99.0, 99.9)
 LAG_MS = 2.0  # tokio's timer ticks every millisecond: a generator's own lag is normally under 1 ms
 
@@ -267,8 +294,10 @@ for l in loads:
         print(f"{l:>4}% {ss[0]['rate']:>8} {label:>20} {statistics.median(s['achieved'] for s in ss):>10.0f} "
               + " ".join(f"{cell([s['ms'][i] for s in ss], '{:.3f}'):>21}" for i in range(3))
               + f" {sum(s['non2xx'] for s in ss):>7} {sum(s['errors'] for s in ss):>6} {cell([s['cpu'][2] for s in ss], '{:.0f}'):>13}")
-    ratios = [[res['proxy', r, l]['ms'][i] / res['nginx', r, l]['ms'][i] for r in range(1, rounds + 1)] for i in range(3)]
-    print(f"{'':>5} {'':>8} {'proxy / nginx':>20} {'':>10} " + " ".join(f"{cell(x, '{:.2f}') + 'x':>21}" for x in ratios))
+    for n, label in PARTIES[1:]:
+        ratios = [[res[n, r, l]['ms'][i] / res['nginx', r, l]['ms'][i] for r in range(1, rounds + 1)] for i in range(3)]
+        under = f"  p99 <= 1.0x in {sum(x <= 1 for x in ratios[1])}/{rounds} rounds"
+        print(f"{'':>5} {'':>8} {n + ' / nginx':>20} {'':>10} " + " ".join(f"{cell(x, '{:.2f}') + 'x':>21}" for x in ratios) + under)
 
 late = [f"{n} round {r} at {l} %" for (n, r, l), s in res.items() if s["lag"] > LAG_MS]
 if late:
