@@ -94,6 +94,7 @@ GENERATOR=${GENERATOR:-openloop}
 case $GENERATOR in oha|openloop) ;; *) echo "GENERATOR=$GENERATOR: openloop or oha" >&2; exit 2;; esac
 WRK_THREADS=${WRK_THREADS:-2}
 TWIN=${TWIN:-0}
+case $TWIN in 0|1) ;; *) echo "TWIN=$TWIN: 0 or 1" >&2; exit 2;; esac
 OHA_THREADS=${OHA_THREADS:-1}
 OHA_VERSION=1.16.0
 # Whole seconds (the measured window is cut from oha's records in seconds),
