@@ -144,23 +144,23 @@ if (( TWIN )); then
 fi
 for _ in $(seq 300); do
   if curl -fs "http://127.0.0.1:$ADM/readyz" >/dev/null 2>&1 &&
-     curl -fs "http://127.0.0.1:$NGX/x" >/dev/null 2>&1; then break; fi
+     curl -fs "http://127.0.0.1:$NGX/x" >/dev/null 2>&1 &&
+     { (( ! TWIN )) || curl -fs "http://127.0.0.1:$NGX2/x" >/dev/null 2>&1; }; then break; fi
   sleep 0.1
 done
 URL_PATH=/2024-10/advertisers/me
 curl -fs "http://127.0.0.1:$CTP$URL_PATH" >/dev/null || { echo "proxy not serving" >&2; cat "$work/proxy.log" >&2; exit 1; }
 curl -fs "http://127.0.0.1:$NGX$URL_PATH" >/dev/null || { echo "nginx not serving" >&2; cat "$work/ngx/error.log" >&2; exit 1; }
 if (( TWIN )); then
-  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$NGX2$URL_PATH" >/dev/null 2>&1 && break; sleep 0.1; done
   curl -fs "http://127.0.0.1:$NGX2$URL_PATH" >/dev/null || { echo "nginx twin not serving" >&2; cat "$work/ngx2/error.log" >&2; exit 1; }
 fi
 
-# nginx's master and its workers (the proxy's threads are counted in its stat).
-read -r -a NGX_PIDS < <(echo "$NGX_PID" $(pgrep -P "$NGX_PID"))
+# An nginx's master and its workers (the proxy's threads are counted in its stat).
+nginx_pids() { echo "$1" $(pgrep -P "$1"); }
 # The parties, in the order of the first step; each step after rotates it.
-PARTY_NAMES=(nginx proxy); PARTY_PORTS=("$NGX" "$CTP"); PARTY_PIDS=("${NGX_PIDS[*]}" "$CTP_PID")
+PARTY_NAMES=(nginx proxy); PARTY_PORTS=("$NGX" "$CTP"); PARTY_PIDS=("$(nginx_pids "$NGX_PID")" "$CTP_PID")
 if (( TWIN )); then
-  PARTY_NAMES+=(twin); PARTY_PORTS+=("$NGX2"); PARTY_PIDS+=("$NGX2_PID $(pgrep -P "$NGX2_PID" | paste -sd' ')")
+  PARTY_NAMES+=(twin); PARTY_PORTS+=("$NGX2"); PARTY_PIDS+=("$(nginx_pids "$NGX2_PID")")
 fi
 echo "machine: $(nproc) cores, $(uname -r); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); $("$PROXY_BIN" --version)$([ -z "${OHA:-}" ] || echo "; $("$OHA" --version)")"
 if (( TLS )); then echo "upstream: HTTPS (TLS, HTTP/2 offered by ALPN), nginx proxy_pass https:// with keepalive 128"
@@ -232,11 +232,12 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 
-python3 - "$work" "$ROUNDS" "$SAT" "$W" "$D" "$LOADS" "$GENERATOR" "$TWIN" <<'EOF'
+python3 - "$work" "$ROUNDS" "$SAT" "$W" "$D" "$LOADS" "$GENERATOR" "${PARTY_NAMES[*]}" <<'EOF'
 import csv, json, math, sqlite3, statistics, sys
 work, rounds, sat, w, d, loads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), [int(x) for x in sys.argv[6].split()]
 gen = sys.argv[7]
-PARTIES = (("nginx", "nginx (static token)"), ("proxy", "criteo-token-proxy")) + ((("twin", "nginx twin"),) if sys.argv[8] == "1" else ())
+LABELS = {"nginx": "nginx (static token)", "proxy": "criteo-token-proxy", "twin": "nginx twin"}
+PARTIES = tuple((n, LABELS[n]) for n in sys.argv[8].split())  # nginx first: the ratios' reference
 PCTS = (50.0, 99.0, 99.9)
 LAG_MS = 2.0  # tokio's timer ticks every millisecond: a generator's own lag is normally under 1 ms
 
